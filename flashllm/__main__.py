@@ -1,0 +1,3 @@
+from flashllm.cli import app
+
+app()

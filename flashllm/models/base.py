@@ -1,0 +1,102 @@
+"""The forward pass shared by the families: embed, then per layer attention and FFN, then the head.
+
+A family supplies the blocks; the FFN of each layer can be replaced by any callable (layer, x) -> y,
+which is how the sparse engine streams neurons from flash while attention stays resident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from flashllm.models.common import FFNSpec, KVCache, neuron_coefficients
+
+FFNFunction = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its config class, its blocks, and how checkpoint tensor names map to ours."""
+
+    name: str
+    config: Any
+    model: Any
+    hf_names: dict[str, str | None]
+    gguf_names: dict[str, str | None]
+    gguf_fixup: Callable | None = None
+
+
+class FamilyConfig(Protocol):
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+
+    def to_dict(self) -> dict: ...
+
+
+class Transformer:
+    """Weights by canonical name, and the forward pass over a preallocated KV cache."""
+
+    ffn_parts = ("ffn.gate.weight", "ffn.up.weight", "ffn.down.weight", "ffn.up.bias")
+
+    def __init__(self, config, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.weights = weights
+        self.dtype = dtype
+        self.spec: FFNSpec = self.ffn_spec(config)
+
+    # -- supplied by a family -------------------------------------------------------------------
+    @staticmethod
+    def ffn_spec(config) -> FFNSpec:
+        raise NotImplementedError
+
+    def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """h -> h + attention(norm(h)): the whole resident half of a layer."""
+        raise NotImplementedError
+
+    def ffn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    def w(self, name: str) -> torch.Tensor | None:
+        return self.weights.get(name)
+
+    def new_cache(self, max_tokens: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, max_tokens, c.num_key_value_heads, c.head_dim, self.dtype)
+
+    def ffn_dense(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The FFN over all neurons, from resident weights (down bias excluded: see ffn_output)."""
+        p = f"layers.{layer}."
+        a = neuron_coefficients(self.spec, x, self.w(p + "ffn.gate.weight"), self.w(p + "ffn.up.weight"),
+                                self.w(p + "ffn.up.bias"))  # [T, n_ff]
+        return a @ self.w(p + "ffn.down.weight").T  # [T, d]
+
+    def ffn_output(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        bias = self.w(f"layers.{layer}.ffn.down.bias")
+        return y if bias is None else y + bias
+
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, ffn: FFNFunction | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits for tokens at positions start.. ([T, vocab], or [1, vocab] with last_only)."""
+        ffn = ffn or self.ffn_dense
+        h = self.embed(tokens, start)  # [T, d]
+        for layer in range(self.config.num_hidden_layers):
+            h = self.attention(layer, h, start, cache)
+            h = h + self.ffn_output(layer, ffn(layer, self.ffn_input(layer, h)))
+        if last_only:
+            h = h[-1:]
+        return self.head(h).float()

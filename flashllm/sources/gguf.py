@@ -1,0 +1,71 @@
+"""A GGUF file, read through the `gguf` package and dequantized one tensor at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashllm.errors import FlashLLMError
+from flashllm.models import get_family
+from flashllm.sources import Source
+from flashllm.tokenizer import Tokenizer
+
+GGUF_MAGIC = b"GGUF"
+
+
+def read_metadata(reader) -> dict:
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # an odd field type we do not need
+            continue
+    return meta
+
+
+def open_gguf(path: Path) -> Source:
+    import gguf
+
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise FlashLLMError(f"{path}: not a GGUF file (and not a folder)")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        if reader.tensors:
+            last = max(reader.tensors, key=lambda t: t.data_offset)
+            if last.data_offset + last.n_bytes > path.stat().st_size:
+                raise ValueError("tensor data beyond end of file")
+    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
+        raise FlashLLMError(f"{path}: damaged or truncated GGUF file ({e})") from None
+    meta = read_metadata(reader)
+    arch = meta.get("general.architecture")
+    family = get_family(arch)
+    names = {t.name for t in reader.tensors}
+    try:
+        config = family.config.from_gguf(meta, arch, names)
+    except (TypeError, ValueError, KeyError) as e:
+        raise FlashLLMError(f"{path}: GGUF metadata does not describe a usable {arch} model ({e})") from None
+    tokenizer = Tokenizer.from_gguf(meta) if "tokenizer.ggml.tokens" in meta else None
+    def tensors():
+        from gguf.quants import dequantize
+
+        for t in reader.tensors:
+            def load(t=t):
+                try:
+                    array = dequantize(t.data, t.tensor_type)
+                except Exception as e:
+                    raise FlashLLMError(f"{path}: tensor {t.name} cannot be dequantized ({e})") from None
+                array = np.ascontiguousarray(array, dtype=np.float32)
+                if not array.flags.writeable:  # unquantized tensors are views of the file's memory map
+                    array = array.copy()
+                return torch.from_numpy(array)
+            yield t.name, load
+
+    fixup = None
+    if family.gguf_fixup is not None:
+        fixup = lambda canonical, tensor: family.gguf_fixup(config, arch, canonical, tensor)  # noqa: E731
+    return Source(path, "gguf", family, config, tokenizer, tensors, path.stat().st_size, fixup, meta)

