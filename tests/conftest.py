@@ -29,3 +29,13 @@ def smollm2_gguf() -> Path:
             del os.environ["FLASHLLM_HOME"]
         else:
             os.environ["FLASHLLM_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M converted to a float16 bundled layout (once per test session)."""
+    from flashllm.layout import convert
+
+    out = tmp_path_factory.mktemp("bundles") / "smollm2"
+    convert(smollm2_gguf, out, dtype="float16")
+    return out

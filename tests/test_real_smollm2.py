@@ -90,3 +90,12 @@ def test_config_from_gguf(smollm2_gguf):
     assert (config.num_attention_heads, config.num_key_value_heads, config.rope_theta) == (9, 3, 100000.0)
     assert config.tie_word_embeddings
     json.dumps(config.to_dict())
+
+
+def test_bundle_logits_bit_identical_to_gguf(smollm2_gguf, smollm2_bundle):
+    ids = list(range(100, 140))
+    results = []
+    for path in (smollm2_gguf, smollm2_bundle):
+        model = load_dense(path, torch.float16).model
+        results.append(model.forward(torch.tensor(ids), 0, model.new_cache(len(ids))))
+    assert torch.equal(results[0], results[1])

@@ -19,34 +19,40 @@ class Source:
     """A checkpoint opened for streaming: config and tokenizer now, tensors one at a time."""
 
     path: Path
-    kind: str  # "hf" or "gguf"
+    kind: str  # "hf", "gguf" or "bundle"
     family: Family
     config: object
     tokenizer: Tokenizer | None
-    _tensors: Callable[[], Iterator[tuple[str, str, Callable[[], torch.Tensor]]]] = field(repr=False)
+    _tensors: Callable[[], Iterator[tuple[str, tuple, Callable[[slice | None], torch.Tensor]]]] = field(repr=False)
     size_bytes: int = 0
     fixup: Callable[[str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     metadata: dict = field(default_factory=dict, repr=False)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(canonical name, tensor) one at a time; checks names and shapes against the config."""
-        table = NameTable(self.family.hf_names if self.kind == "hf" else self.family.gguf_names)
+        for canonical, _, load in self.streams():
+            yield canonical, load(None)
+
+    def streams(self) -> Iterator[tuple[str, tuple[int, ...], Callable[[slice | None], torch.Tensor]]]:
+        """(canonical name, shape, load) per tensor; load(rows) reads a slice of rows (or all with None),
+        so a huge tensor such as the embedding table can be converted a chunk at a time."""
+        table = None if self.kind == "bundle" else \
+            NameTable(self.family.hf_names if self.kind == "hf" else self.family.gguf_names)
         expected = self.config.expected_shapes()
         seen = set()
-        for source_name, load in self._tensors():
-            canonical = table.map(source_name)
+        for source_name, shape, load in self._tensors():
+            canonical = source_name if table is None else table.map(source_name)
             if canonical is None:
                 continue
             if canonical not in expected:
                 raise FlashLLMError(f"{self.path}: tensor {source_name} is not part of this {self.family.name} config")
-            tensor = load()
-            if self.fixup is not None:
-                tensor = self.fixup(canonical, tensor)
-            if tuple(tensor.shape) != expected[canonical]:
-                raise FlashLLMError(f"{self.path}: tensor {source_name} has shape {tuple(tensor.shape)}, "
+            if tuple(shape) != expected[canonical]:
+                raise FlashLLMError(f"{self.path}: tensor {source_name} has shape {tuple(shape)}, "
                                     f"the config implies {expected[canonical]}")
             seen.add(canonical)
-            yield canonical, tensor
+            if self.fixup is not None:  # q/k unpermuting: those tensors are always loaded whole
+                load = lambda rows, load=load, name=canonical: self.fixup(name, load(rows))  # noqa: E731
+            yield canonical, tuple(shape), load
         missing = sorted(set(expected) - seen)
         if missing:
             raise FlashLLMError(f"{self.path}: {len(missing)} tensors missing, e.g. {missing[0]}")
@@ -96,6 +102,10 @@ def open_source(path: str | Path) -> Source:
     path = Path(path).expanduser()
     if not path.exists():
         raise FlashLLMError(f"{path}: no such file or folder")
+    from flashllm.layout import is_bundle, open_bundle_source
+
+    if is_bundle(path):
+        return open_bundle_source(path)
     if path.is_dir():
         from flashllm.sources.hf import open_hf
 

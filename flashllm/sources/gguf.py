@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,33 @@ def read_metadata(reader) -> dict:
         except Exception:  # an odd field type we do not need
             continue
     return meta
+
+
+def _loader(path: Path, t):
+    """Dequantize a tensor (or a slice of its rows), reading its bytes with pread rather than through
+    the reader's memory map, whose touched pages would count against our memory."""
+    from gguf.quants import dequantize
+
+    rows_total = t.data.shape[0]
+    row_bytes = t.data.strides[0] if t.data.ndim > 1 else t.data.nbytes
+
+    def load(rows: slice | None = None) -> torch.Tensor:
+        first, last = (0, rows_total) if rows is None or t.data.ndim == 1 else (rows.start, rows.stop)
+        n_bytes = (last - first) * row_bytes if t.data.ndim > 1 else t.data.nbytes
+        with open(path, "rb") as f:
+            blob = os.pread(f.fileno(), n_bytes, t.data_offset + first * row_bytes)
+        raw = np.frombuffer(blob, dtype=t.data.dtype).reshape(last - first, *t.data.shape[1:]) \
+            if t.data.ndim > 1 else np.frombuffer(blob, dtype=t.data.dtype)
+        try:
+            array = dequantize(raw, t.tensor_type)
+        except Exception as e:
+            raise FlashLLMError(f"{path}: tensor {t.name} cannot be dequantized ({e})") from None
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not array.flags.writeable:
+            array = array.copy()
+        return torch.from_numpy(array)
+
+    return load
 
 
 def open_gguf(path: Path) -> Source:
@@ -51,19 +79,8 @@ def open_gguf(path: Path) -> Source:
         raise FlashLLMError(f"{path}: GGUF metadata does not describe a usable {arch} model ({e})") from None
     tokenizer = Tokenizer.from_gguf(meta) if "tokenizer.ggml.tokens" in meta else None
     def tensors():
-        from gguf.quants import dequantize
-
         for t in reader.tensors:
-            def load(t=t):
-                try:
-                    array = dequantize(t.data, t.tensor_type)
-                except Exception as e:
-                    raise FlashLLMError(f"{path}: tensor {t.name} cannot be dequantized ({e})") from None
-                array = np.ascontiguousarray(array, dtype=np.float32)
-                if not array.flags.writeable:  # unquantized tensors are views of the file's memory map
-                    array = array.copy()
-                return torch.from_numpy(array)
-            yield t.name, load
+            yield t.name, tuple(reversed([int(n) for n in t.shape])), _loader(path, t)
 
     fixup = None
     if family.gguf_fixup is not None:

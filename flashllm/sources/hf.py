@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import torch
 
 from flashllm.errors import FlashLLMError
 from flashllm.models import build_config, get_family
@@ -29,27 +32,43 @@ def open_hf(folder: Path) -> Source:
     tokenizer = Tokenizer.from_folder(folder, hf_config)
 
     def tensors():
-        from safetensors import safe_open
-
         for shard in shards:
-            try:
-                with safe_open(str(shard), framework="pt") as f:
-                    for name in f.keys():
-                        yield name, (lambda f=f, name=name: _load(f, shard, name))
-            except FlashLLMError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for damaged files
-                raise FlashLLMError(f"{shard}: not a readable safetensors file ({e})") from None
+            header, data_start = _read_header(shard)
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    yield name, tuple(entry["shape"]), _loader(shard, data_start, name, entry)
 
     size = sum(s.stat().st_size for s in shards)
     return Source(folder, "hf", family, config, tokenizer, tensors, size)
 
 
-def _load(f, shard: Path, name: str):
-    try:
-        return f.get_tensor(name)
-    except Exception as e:
-        raise FlashLLMError(f"{shard}: tensor {name} is unreadable ({e})") from None
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _loader(shard: Path, data_start: int, name: str, entry: dict):
+    """Read a tensor (or a slice of its rows) with pread: no memory map whose pages would stay resident."""
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+        raise FlashLLMError(f"{shard}: tensor {name} has unsupported dtype {entry['dtype']}")
+    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+    begin, end = entry["data_offsets"]
+
+    def load(rows: slice | None = None) -> torch.Tensor:
+        lo, hi, out_shape = begin, end, shape
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0]
+            lo, hi = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
+            out_shape = [rows.stop - rows.start, *shape[1:]]
+        with open(shard, "rb") as f:
+            blob = os.pread(f.fileno(), hi - lo, data_start + lo)
+        if len(blob) != hi - lo:
+            raise FlashLLMError(f"{shard}: tensor {name} is truncated")
+        if not blob:
+            return torch.empty(out_shape, dtype=dtype)
+        return torch.frombuffer(bytearray(blob), dtype=dtype).reshape(out_shape)
+
+    return load
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -67,6 +86,12 @@ def _shards(folder: Path) -> list[Path]:
             raise FlashLLMError(f"{folder}: shard {missing[0]} named in the index is missing")
         return [folder / f for f in files]
     raise FlashLLMError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def _read_header(shard: Path) -> tuple[dict, int]:
+    with open(shard, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
 
 
 def _check_header(shard: Path) -> None:
