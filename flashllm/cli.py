@@ -12,7 +12,8 @@ from rich.console import Console
 
 app = typer.Typer(help="Run language models larger than DRAM by streaming FFN neurons from flash.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console(stderr=True, soft_wrap=True)  # tables, progress and logs; generated text goes to stdout
+# tables, progress and logs; generated text goes to stdout. Wide when stderr is a file, so tables stay whole.
+console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
 @contextlib.contextmanager
@@ -53,40 +54,137 @@ def models():
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="A GGUF file, Hugging Face folder, bundle folder or known model name."),
+    model: str = typer.Argument(..., help="A bundle folder, GGUF file, Hugging Face folder or known model name."),
     prompt: str = typer.Argument(..., help="The prompt text."),
+    dram_budget: Optional[str] = typer.Option(None, "--dram-budget", "-b",
+                                              help="DRAM budget: 1.5GB, 800MiB or 50% of the model. "
+                                                   "Streams FFN neurons from a bundle; without it, all weights are loaded."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
+    window: int = typer.Option(4, min=1, help="Tokens whose active neurons the cache keeps (the paper's k)."),
+    policy: str = typer.Option("lru", help="Cache eviction policy: lru, window or pinned."),
+    mode: str = typer.Option("predictor", help="Which neurons to read: predictor, oracle (upper bound) or dense."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Flash reader threads (default: from `flashllm bench io`)."),
+    stats: str = typer.Option("table", help="End-of-run statistics on stderr: table, json or none."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the budget plan."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     system: Optional[str] = typer.Option(None, help="System message for --chat."),
-    dtype: str = typer.Option("float32", help="Compute dtype: float32, float16 or bfloat16."),
+    dtype: str = typer.Option("float32", help="Compute dtype without --dram-budget: float32, float16 or bfloat16."),
 ):
-    """Generate text from a prompt; text to stdout, a summary to stderr."""
+    """Generate text from a prompt; text to stdout, statistics to stderr."""
     with user_errors():
         from flashllm.engine import GenerationStats, SamplingSettings, generate as run, load_dense, parse_dtype
-        from flashllm.hub import resolve
+        from flashllm.errors import FlashLLMError
         from flashllm.tokenizer import StreamDecoder
 
-        path = resolve(model, progress=lambda msg: console.print(msg, highlight=False))
-        loaded = load_dense(path, parse_dtype(dtype))
-        tokenizer = _require_tokenizer(loaded.tokenizer, path)
-        text = prompt
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            text = tokenizer.render_chat(messages)
-        ids = tokenizer.encode(text)
-        stats = GenerationStats()
+        if stats not in ("table", "json", "none"):
+            raise FlashLLMError(f"unknown --stats {stats!r} (choose from table, json, none)")
         settings = SamplingSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if dram_budget is None:
+            path = _resolve(model)
+            loaded = load_dense(path, parse_dtype(dtype))
+            tokenizer, engine = _require_tokenizer(loaded.tokenizer, path), loaded.model
+        else:
+            from flashllm.layout import Bundle
+            from flashllm.sparse import FlashModel, FlashSettings, FlashStats, parse_budget
+            from flashllm.tokenizer import Tokenizer
+
+            folder = _bundle_for(model)
+            tokenizer = _require_tokenizer(Tokenizer.from_folder(folder), folder)
+        ids = tokenizer.encode(_prompt_text(tokenizer, prompt, chat, system))
         stream = StreamDecoder(tokenizer)
-        for token in run(loaded.model, ids, settings, tokenizer.eos_token_ids, stats):
+        if dram_budget is None:
+            gen = GenerationStats()
+            tokens = run(engine, ids, settings, tokenizer.eos_token_ids, gen)
+        else:
+            bundle = Bundle(folder)
+            budget = parse_budget(dram_budget, bundle.manifest["sizes"]["total_bytes"])
+            limit = bundle.config.max_position_embeddings
+            if len(ids) >= limit:
+                raise FlashLLMError(f"the prompt has {len(ids)} tokens; the context holds {limit}")
+            flash = FlashModel(folder, budget, FlashSettings(window=window, policy=policy, threads=threads, mode=mode),
+                               max_tokens=min(limit, len(ids) + max_tokens), prefill_tokens=len(ids))
+            if verbose:
+                console.print("\n".join(flash.plan.lines()), highlight=False)
+            if mode == "predictor" and flash.settings.mode == "dense":
+                console.print(f"[yellow]{folder} has no predictors: reading every neuron (dense from flash). "
+                              f"Train them with `flashllm train-predictor {folder}`.[/]", highlight=False)
+            flash_stats = FlashStats()
+            tokens = flash.generate(ids, settings, tokenizer.eos_token_ids, flash_stats)
+        for token in tokens:
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
         sys.stdout.write("\n")
-        console.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats.new_tokens} generated; load "
-                      f"{loaded.load_seconds:.1f} s, prefill {stats.prefill_seconds:.2f} s, "
-                      f"decode {stats.tokens_per_s:.2f} tokens/s ({stats.stopped_by})[/]", highlight=False)
+        sys.stdout.flush()
+        if dram_budget is None:
+            if stats != "none":
+                console.print(f"[dim]{gen.prompt_tokens} prompt tokens, {gen.new_tokens} generated; load "
+                              f"{loaded.load_seconds:.1f} s, prefill {gen.prefill_seconds:.2f} s, "
+                              f"decode {gen.tokens_per_s:.2f} tokens/s ({gen.stopped_by})[/]", highlight=False)
+        elif stats == "json":
+            import json
+
+            console.print(json.dumps(flash_stats.to_json()), highlight=False, soft_wrap=True, markup=False)
+        elif stats == "table":
+            console.print(_stats_table(flash_stats))
+
+
+def _prompt_text(tokenizer, prompt: str, chat: bool, system: str | None) -> str:
+    if not chat:
+        return prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.render_chat(messages)
+
+
+def _resolve(model: str) -> Path:
+    from flashllm.hub import resolve
+
+    return resolve(model, progress=lambda msg: console.print(msg, highlight=False))
+
+
+def _bundle_for(model: str) -> Path:
+    """A bundle folder as given, or for a known model its bundle in the cache folder (converted on
+    first use); anything else must be converted first."""
+    from flashllm.errors import FlashLLMError
+    from flashllm.hub import KNOWN_MODELS
+    from flashllm.layout import convert, is_bundle
+    from flashllm.paths import home
+
+    path = Path(model).expanduser()
+    if is_bundle(path):
+        return path
+    if not path.exists() and model in KNOWN_MODELS:
+        folder = home() / "bundles" / model
+        if not is_bundle(folder):
+            source = _resolve(model)
+            console.print(f"converting {model} into {folder} (once)", highlight=False)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with _progress("converting") as bar:
+                convert(source, folder, progress=bar)
+        return folder
+    if path.exists():
+        raise FlashLLMError(f"{path} is not a bundle; --dram-budget needs one: flashllm convert {path} OUT")
+    _resolve(model)  # raises the usual "no such file" error
+    raise FlashLLMError(f"{model}: not a bundle")
+
+
+def _stats_table(s) -> "Table":
+    """The paper's per-token breakdown (Tables 2 and 3) for one run."""
+    from rich.table import Table
+
+    ms = s.ms_per_token
+    table = Table(title=f"{s.tokens} decode tokens, mode {s.mode}, policy {s.policy}, window {s.window}, "
+                        f"cache {100 * s.cache_share:.1f}% of FFN", title_justify="left")
+    for column in ("I/O ms", "memory ms", "predictor ms", "compute ms", "total ms", "MB read/token", "tokens/s",
+                   "cache hits", "peak RSS / budget + overhead"):
+        table.add_column(column, justify="right")
+    per_token_mb = s.bytes_read / s.tokens / 1e6 if s.tokens else 0.0
+    table.add_row(f"{ms['io']:.1f}", f"{ms['memory']:.1f}", f"{ms['predictor']:.1f}", f"{ms['compute']:.1f}",
+                  f"{ms['total']:.1f}", f"{per_token_mb:.1f}", f"{s.tokens_per_s:.2f}", f"{100 * s.cache_hit_rate:.1f}%",
+                  f"{s.peak_rss_bytes / 1e6:.0f} / {(s.budget_bytes + s.overhead_bytes) / 1e6:.0f} MB")
+    return table
 
 
 @app.command()
@@ -99,10 +197,9 @@ def convert(
 ):
     """Convert a checkpoint into a flash bundle: resident weights + per-layer neuron records."""
     with user_errors():
-        from flashllm.hub import resolve
         from flashllm.layout import convert as run, info as bundle_info
 
-        path = resolve(source, progress=lambda msg: console.print(msg, highlight=False))
+        path = _resolve(source)
         with _progress("converting") as bar:
             result = run(path, out, dtype=dtype, layout=layout, force=force, progress=bar)
         summary = bundle_info(result.out)

@@ -346,15 +346,25 @@ class Bundle:
                 for r in self.layers[layer]["regions"]]
 
     def resident_tensors(self):
-        from safetensors import safe_open
+        """(name, tensor) read with pread, so no memory map's pages linger in our resident set."""
+        from flashllm.sources.hf import read_header, tensor_loader
 
         path = self.folder / RESIDENT
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except Exception as e:  # safetensors' own error types
+            header, data_start = read_header(path)
+        except (OSError, ValueError) as e:
             raise FlashLLMError(f"{path}: unreadable resident weights ({e}); run `flashllm verify`") from None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                yield name, tensor_loader(path, data_start, name, entry)(None)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the resident tensors (the file less its header)."""
+        from flashllm.sources.hf import read_header
+
+        header, _ = read_header(self.folder / RESIDENT)
+        return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
 
     def split_records(self, records: torch.Tensor, parts: list[dict]) -> dict[str, torch.Tensor]:
         """records: [n, stride] uint8 -> {part: [n, values]} in the bundle dtype (views, no copy)."""

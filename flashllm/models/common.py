@@ -136,3 +136,8 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     middle = (wavelen <= old_len / low) & (wavelen >= old_len / high)
     return torch.where(middle, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def active_mask(spec: FFNSpec, a: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which neurons count as active given their coefficients a: |a| > t (ReLU: a > 0, t = 0)."""
+    return a.abs() > threshold if spec.gated else a > 0

@@ -33,10 +33,10 @@ def open_hf(folder: Path) -> Source:
 
     def tensors():
         for shard in shards:
-            header, data_start = _read_header(shard)
+            header, data_start = read_header(shard)
             for name, entry in header.items():
                 if name != "__metadata__":
-                    yield name, tuple(entry["shape"]), _loader(shard, data_start, name, entry)
+                    yield name, tuple(entry["shape"]), tensor_loader(shard, data_start, name, entry)
 
     size = sum(s.stat().st_size for s in shards)
     return Source(folder, "hf", family, config, tokenizer, tensors, size)
@@ -47,7 +47,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _loader(shard: Path, data_start: int, name: str, entry: dict):
+def tensor_loader(shard: Path, data_start: int, name: str, entry: dict):
     """Read a tensor (or a slice of its rows) with pread: no memory map whose pages would stay resident."""
     if entry["dtype"] not in SAFETENSORS_DTYPES:
         raise FlashLLMError(f"{shard}: tensor {name} has unsupported dtype {entry['dtype']}")
@@ -60,13 +60,13 @@ def _loader(shard: Path, data_start: int, name: str, entry: dict):
             row_bytes = (end - begin) // shape[0]
             lo, hi = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
             out_shape = [rows.stop - rows.start, *shape[1:]]
-        with open(shard, "rb") as f:
-            blob = os.pread(f.fileno(), hi - lo, data_start + lo)
-        if len(blob) != hi - lo:
-            raise FlashLLMError(f"{shard}: tensor {name} is truncated")
-        if not blob:
-            return torch.empty(out_shape, dtype=dtype)
-        return torch.frombuffer(bytearray(blob), dtype=dtype).reshape(out_shape)
+        tensor = torch.empty(out_shape, dtype=dtype)
+        if hi > lo:  # straight into the tensor's memory: no intermediate copy
+            with open(shard, "rb") as f:
+                got = os.preadv(f.fileno(), [tensor.view(-1).view(torch.uint8).numpy()], data_start + lo)
+            if got != hi - lo:
+                raise FlashLLMError(f"{shard}: tensor {name} is truncated")
+        return tensor
 
     return load
 
@@ -88,7 +88,7 @@ def _shards(folder: Path) -> list[Path]:
     raise FlashLLMError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def _read_header(shard: Path) -> tuple[dict, int]:
+def read_header(shard: Path) -> tuple[dict, int]:
     with open(shard, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n)), 8 + n

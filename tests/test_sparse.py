@@ -1,0 +1,184 @@
+"""The budgeted engine: equal to dense with every neuron, cache vs streaming, planner, budgets, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from flashllm import layout
+from flashllm.cli import app
+from flashllm.engine import SamplingSettings, generate, load_dense
+from flashllm.errors import FlashLLMError
+from flashllm.models.common import active_mask, neuron_coefficients
+from flashllm.sparse import FlashModel, FlashSettings, FlashStats, parse_budget, plan_budget
+from tests.test_cli_errors import assert_one_line_error
+from tests.tiny import tiny_llama, tiny_opt
+
+IDS = [5, 17, 3, 88, 41, 2, 60, 60, 9, 33]
+BIG = 10**10
+
+
+@pytest.fixture(params=["llama", "opt"])
+def bundle(request, tmp_path):
+    source = tiny_opt(tmp_path / "src") if request.param == "opt" else tiny_llama(tmp_path / "src")
+    out = tmp_path / "bundle"
+    layout.convert(source, out, dtype="float32")
+    return out
+
+
+def flash_logits(flash: FlashModel, ids=IDS) -> torch.Tensor:
+    """Prefill the first half, then decode the rest one token at a time through the flash FFN."""
+    model = flash.model
+    cache = model.new_cache(len(ids))
+    half = len(ids) // 2
+    out = [model.forward(torch.tensor(ids[:half]), 0, cache, flash.ffn)]
+    for pos in range(half, len(ids)):
+        out.append(model.forward(torch.tensor([ids[pos]]), pos, cache, flash.ffn))
+    return torch.cat(out)
+
+
+def dense_logits(folder, ffn=None, ids=IDS) -> torch.Tensor:
+    model = load_dense(folder).model
+    return model.forward(torch.tensor(ids), 0, model.new_cache(len(ids)), ffn)
+
+
+def test_every_neuron_equals_dense(bundle):
+    for mode in ("oracle", "dense"):
+        flash = FlashModel(bundle, BIG, FlashSettings(mode=mode), 32, 16)
+        assert (flash_logits(flash) - dense_logits(bundle)).abs().max() < 1e-4
+        tokens = list(flash.generate(IDS, SamplingSettings(max_tokens=8, stop_at_eos=False)))
+        dense = load_dense(bundle).model
+        assert tokens == list(generate(dense, IDS, SamplingSettings(max_tokens=8, stop_at_eos=False)))
+
+
+def thresholded(flash: FlashModel, bundle):
+    """Per-layer thresholds at the median |a| of these tokens: the oracle drops about half the neurons."""
+    if not flash.spec.gated:
+        return flash
+    dense = load_dense(bundle).model
+    medians = {}
+
+    def record(layer, x):
+        w = lambda name: dense.weights.get(f"layers.{layer}." + name)  # noqa: E731
+        a = neuron_coefficients(dense.spec, x, w("ffn.gate.weight"), w("ffn.up.weight"), None)
+        medians[layer] = float(a.abs().median())
+        return dense.ffn_dense(layer, x)
+
+    dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)), record)
+    flash.thresholds = [medians[layer] for layer in range(len(flash.thresholds))]
+    return flash
+
+
+def test_cache_and_streaming_give_identical_outputs(bundle):
+    big = thresholded(FlashModel(bundle, BIG, FlashSettings(mode="oracle"), 32, 16), bundle)
+    minimum = big.plan.fixed_bytes + big.bundle.config.num_hidden_layers * 20 * big.plan.record_bytes
+    small = thresholded(FlashModel(bundle, minimum, FlashSettings(mode="oracle"), 32, 16), bundle)
+    assert max(small.plan.capacities) < small.spec.n_ff // 4  # most neurons stream past the cache
+    assert (flash_logits(big) - flash_logits(small)).abs().max() < 1e-5
+    assert small.reader.totals.bytes_read > big.reader.totals.bytes_read
+
+
+def test_oracle_sparse_equals_masked_dense(bundle):
+    flash = thresholded(FlashModel(bundle, BIG, FlashSettings(mode="oracle"), 32, 16), bundle)
+    dense = load_dense(bundle).model
+    spec, p = dense.spec, "layers.{}."
+
+    def masked(layer, x):
+        w = lambda name: dense.weights.get(p.format(layer) + name)  # noqa: E731
+        a = neuron_coefficients(spec, x, w("ffn.gate.weight"), w("ffn.up.weight"), w("ffn.up.bias"))
+        return (a * active_mask(spec, a, flash.thresholds[layer])) @ w("ffn.down.weight").T
+
+    expected = dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)), masked)
+    assert (flash_logits(flash) - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("policy", ["lru", "window", "pinned"])
+def test_policies_run_within_capacity(bundle, policy):
+    flash = FlashModel(bundle, BIG, FlashSettings(mode="dense", policy=policy), 32, 16)
+    quarter = flash.bundle.config.num_hidden_layers * flash.spec.n_ff * (flash.plan.record_bytes + 16) // 4
+    flash = FlashModel(bundle, flash.plan.fixed_bytes + quarter, FlashSettings(mode="dense", policy=policy), 32, 16)
+    assert 0 < max(flash.plan.capacities) < flash.spec.n_ff
+    stats = FlashStats()
+    list(flash.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False), stats=stats))
+    for cache in flash.caches:
+        cache.check()
+        assert cache.num_used <= cache.capacity
+    assert stats.tokens == 5 and stats.bytes_read > 0
+    assert stats.kernel_bytes_read is None or stats.kernel_bytes_read >= 0.9 * stats.bytes_read
+
+
+@settings(max_examples=40, deadline=None)
+@given(extra=st.integers(0, 5 * 10**6), weights=st.lists(st.floats(0, 1e4), min_size=2, max_size=2),
+       max_tokens=st.integers(1, 512))
+def test_planner_never_plans_more_than_the_budget(tiny_bundle, extra, weights, max_tokens):
+    b = layout.Bundle(tiny_bundle)
+    fixed = plan_budget(b, BIG, 1000, max_tokens, 8, weights).fixed_bytes
+    plan = plan_budget(b, fixed + extra, 1000, max_tokens, 8, weights)
+    assert plan.planned_bytes <= fixed + extra
+    assert all(0 <= c <= b.spec.n_ff for c in plan.capacities)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    out = root / "bundle"
+    layout.convert(tiny_llama(root / "src"), out)
+    return out
+
+
+def test_budget_below_minimum_names_it(tiny_bundle):
+    with pytest.raises(FlashLLMError, match="below the minimum"):
+        FlashModel(tiny_bundle, 1000, FlashSettings(), 32, 8)
+
+
+@pytest.mark.parametrize("text,expected", [("1.5GB", 1_500_000_000), ("800MiB", 800 * 2**20), ("50%", 500),
+                                           ("2048", 2048), ("1.5 gib", int(1.5 * 2**30))])
+def test_parse_budget(text, expected):
+    assert parse_budget(text, 1000) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "1.5XB", "-3GB", "", "50%%"])
+def test_malformed_budget(text):
+    with pytest.raises(FlashLLMError, match="malformed budget"):
+        parse_budget(text, 1000)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.realmodel
+def test_cli_generate_under_budget_json(smollm2_bundle):
+    result = runner.invoke(app, ["generate", str(smollm2_bundle), "The capital of France is", "-n", "8",
+                                 "--dram-budget", "60%", "--stats", "json"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
+    stats = json.loads(result.stderr.strip().splitlines()[-1])
+    for key in ("tokens", "budget_bytes", "planned_bytes", "peak_rss_bytes", "bytes_read", "kernel_bytes_read",
+                "ms_per_token", "tokens_per_s", "cache_hit_rate", "sparsity", "window"):
+        assert key in stats
+    assert set(stats["ms_per_token"]) >= {"io", "memory", "compute", "predictor", "total"}
+    assert stats["planned_bytes"] <= stats["budget_bytes"]
+    assert stats["bytes_read"] > 0 and stats["kernel_bytes_read"] >= 0.9 * stats["bytes_read"]
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("budget,message", [("5MB", "below the minimum"), ("fifty", "malformed budget")])
+def test_cli_bad_budgets(smollm2_bundle, budget, message):
+    result = runner.invoke(app, ["generate", str(smollm2_bundle), "hi", "--dram-budget", budget])
+    assert_one_line_error(result, message)
+
+
+@pytest.mark.realmodel
+def test_cli_prompt_longer_than_context(smollm2_bundle):
+    result = runner.invoke(app, ["generate", str(smollm2_bundle), "word " * 8300, "--dram-budget", "90%"])
+    assert_one_line_error(result, "context holds 8192")
+
+
+def test_cli_budget_needs_a_bundle(tmp_path):
+    folder = tiny_llama(tmp_path / "src")
+    (folder / "tokenizer.json").write_text("{}")
+    assert_one_line_error(runner.invoke(app, ["generate", str(folder), "hi", "--dram-budget", "50%"]), "not a bundle")
