@@ -234,6 +234,27 @@ def verify(bundle: Path = typer.Argument(..., help="A bundle folder.")):
         typer.echo(f"{bundle}: all checksums match")
 
 
+@app.command()
+def bench(
+    target: str = typer.Argument(..., help="A bundle folder or known model name, or `io` for the disk benchmark."),
+    path: Optional[Path] = typer.Argument(None, help="With `io`: a file or folder on the disk to measure."),
+    quick: bool = typer.Option(False, "--quick", help="With `io`: a few seconds instead of under a minute."),
+):
+    """Benchmarks. `flashllm bench io [PATH]`: random-read MB/s and IOPS by chunk size and threads, saved
+    as the I/O profile the engine's coalescing and thread count use."""
+    with user_errors():
+        if target == "io":
+            from flashllm.iobench import format_profile_table, run_io_bench
+
+            with _progress("measuring") as bar:
+                profile = run_io_bench(path, quick=quick, progress=bar)
+            console.print(format_profile_table(profile))
+            return
+        from flashllm.errors import FlashLLMError
+
+        raise FlashLLMError("model benchmarks arrive with the bench issue; try `flashllm bench io`")
+
+
 def _describe(s: dict) -> str:
     return (f"resident {s['resident_bytes'] / 1e6:.1f} MB, FFN {s['ffn_bytes'] / 1e6:.1f} MB "
             f"({100 * s['ffn_bytes'] / s['total_bytes']:.0f}%), {s['record_bytes']} bytes per neuron record, "

@@ -37,6 +37,7 @@ from flashllm.paths import home
 
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20
+MAX_CHUNK_REQUESTS = 16  # requests a worker takes at once: few enough to balance, enough to amortise
 
 # DESIGN.md §3: random O_DIRECT reads on the reference machine (ext4 on virtio), MB/s.
 DEFAULT_TABLE: dict[int, dict[int, float]] = {
@@ -110,7 +111,7 @@ def profile_path() -> Path:
 
 
 def device_key(path: Path | str) -> str:
-    """"major:minor" of the device holding `path` (its nearest existing ancestor)."""
+    """The device ("major:minor") holding `path` (its nearest existing ancestor)."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -173,16 +174,15 @@ class IOProfile:
 
     @property
     def best_threads(self) -> int:
-        """The fewest threads that reach 90% of the best throughput at every chunk size."""
-        counts = self.thread_counts
-        for t in counts:
-            if all(row.get(t, 0.0) >= 0.9 * max(row.values()) for row in self.table.values()):
-                return t
-        # No single count is within 90% everywhere: take the best average relative throughput.
+        """The thread count with the best throughput relative to each row's best, summed over chunk sizes.
+
+        Ties go to more threads: threads blocked in reads are cheap, an idle device queue is not.
+        """
+
         def score(t: int) -> float:
             return sum(row.get(t, 0.0) / max(row.values()) for row in self.table.values())
 
-        return max(counts, key=score)
+        return max(reversed(self.thread_counts), key=score)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -229,7 +229,7 @@ def _read_profiles(file: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise FlashLLMError(f"cannot read I/O profile {file}: {e} (delete it and run `flashllm bench io`)")
+        raise FlashLLMError(f"cannot read I/O profile {file}: {e} (delete it and run `flashllm bench io`)") from e
     return data if isinstance(data, dict) else {}
 
 
@@ -422,7 +422,6 @@ class FlashReader:
         self.direct = direct
         self.max_request_bytes = max_request_bytes
         self.chunk_bytes = chunk_bytes
-        self.chunk_requests = 16
         self.min_requests_per_worker = min_requests_per_worker
         self._threads = threads
         self._merge_gap_bytes = merge_gap_bytes
@@ -518,7 +517,7 @@ class FlashReader:
             return ReadStats(kernel_bytes=0 if kernel0 is not None else None)
 
         f = self._open(region)
-        profile = self._resolve_profile(region.path)
+        self._resolve_profile(region.path)
         ids = ids.astype(np.int64, copy=False)
         # Sorted order; rows[k] is the out row of the k-th smallest id.
         if n == 1 or bool((ids[1:] > ids[:-1]).all()):
@@ -568,7 +567,7 @@ class FlashReader:
         slot_len = (lengths + PAGE - 1) // PAGE * PAGE  # [m] page-aligned staging slots
         slot_end = np.cumsum(slot_len)  # [m] as if one buffer held the whole call
         # About 4 chunks per worker for balance, at most 16 requests and ~chunk_bytes of staging each.
-        per_chunk = min(self.chunk_requests, max(1, m // (4 * self.threads)))
+        per_chunk = min(MAX_CHUNK_REQUESTS, max(1, m // (4 * self.threads)))
         chunk = np.maximum(np.arange(m) // per_chunk, (slot_end - slot_len) // self.chunk_bytes)  # [m]
         new_chunk = np.empty(m, dtype=bool)
         new_chunk[0] = True
@@ -598,8 +597,8 @@ class FlashReader:
             out=out,
             stride=stride,
             region=region,
-            requests=list(zip(plan.begin.tolist(), slot.tolist(), lengths.tolist(), needs.tolist())),
-            runs=list(zip(src[run_first].tolist(), dst[run_first].tolist(), run_len.tolist())),
+            requests=list(zip(plan.begin.tolist(), slot.tolist(), lengths.tolist(), needs.tolist(), strict=True)),
+            runs=list(zip(src[run_first].tolist(), dst[run_first].tolist(), run_len.tolist(), strict=True)),
             chunk_requests=np.append(chunk_first, m).tolist(),
             chunk_runs=np.searchsorted(run_first, chunk_rec).tolist(),
             staging_bytes=staging_bytes,
@@ -632,11 +631,11 @@ class FlashReader:
             raise error
 
     def _buffer(self, nbytes: int) -> mmap.mmap:
-        """This thread's staging buffer, grown (never shrunk) to at least `nbytes`."""
+        """This thread's staging buffer, grown (never shrunk) to at least `nbytes` (a power of two)."""
         key = threading.get_ident()
         buf = self._staging.get(key)
         if buf is None or len(buf) < nbytes:
-            buf = self._staging[key] = aligned_buffer(-(-nbytes // MiB) * MiB)
+            buf = self._staging[key] = aligned_buffer(max(64 * 1024, 1 << (nbytes - 1).bit_length()))
         return buf
 
     def _work(self, call: _Call) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from flashllm.errors import FlashLLMError
-from flashllm.flash import MiB, IOProfile, aligned_buffer, device_key, drop_cache, open_uncached
+from flashllm.flash import IOProfile, MiB, aligned_buffer, device_key, drop_cache, open_uncached
 from flashllm.paths import home
 
 KiB = 1024
@@ -69,7 +69,10 @@ def run_io_bench(
     table: dict[int, dict[int, float]] = {c: {} for c in chunk_sizes}
     cells = [(c, t) for c in chunk_sizes for t in thread_counts]
     try:
-        _write_scratch(scratch, file_bytes)
+        try:
+            _write_scratch(scratch, file_bytes)
+        except OSError as e:
+            raise FlashLLMError(f"cannot write a scratch file in {folder}: {e.strerror}") from e
         fd, direct = open_uncached(scratch)
         try:
             with ThreadPoolExecutor(max(thread_counts), thread_name_prefix="flashllm-iobench") as pool:

@@ -19,13 +19,15 @@ import torch
 
 from flashllm.cache import NeuronCache
 from flashllm.errors import FlashLLMError
-from flashllm.flash import FlashReader, kernel_read_bytes
+from flashllm.flash import FlashReader, IOProfile, kernel_read_bytes
 from flashllm.layout import Bundle
 from flashllm.models.common import KVCache, active_mask, neuron_coefficients
 
 MODES = ("predictor", "oracle", "dense")
-SCRATCH_ROWS = 1024  # records streamed past the cache per chunk
-READ_BYTES = 256 * 1024  # the reader's largest request and per-worker chunk
+SCRATCH_ROWS = 512  # records streamed past the cache per chunk
+READ_BYTES = 128 * 1024  # the reader's largest request and per-worker chunk
+MAX_THREADS = 16  # per-layer reads are small; more threads only add staging memory
+ALLOCATOR_SLACK = 12 * 2**20  # freed temporaries the C heap keeps (measured ~10 MB on SmolLM2)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -99,8 +101,9 @@ def plan_budget(bundle: Bundle, budget: int, predictor_bytes: int, max_tokens: i
     resident = bundle.resident_bytes
     kv = KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, bundle.itemsize)
     # scratch for streamed records + reader staging + activations of the longest forward pass
+    rotary = 2 * max_tokens * c.head_dim * 4
     work = SCRATCH_ROWS * record + reader_bytes + prefill_tokens * (n_ff * 16 + c.hidden_size * 32) + \
-        c.vocab_size * 8
+        c.vocab_size * 8 + rotary + ALLOCATOR_SLACK
     index = L * n_ff * 16
     fixed = resident + predictor_bytes + kv + work + index
     if budget < fixed:
@@ -128,9 +131,10 @@ def plan_budget(bundle: Bundle, budget: int, predictor_bytes: int, max_tokens: i
 
 
 def staging_bound(reader: FlashReader) -> int:
-    """The most memory the reader's per-thread staging buffers can hold (each rounded up to MiB)."""
-    per_thread = reader.chunk_bytes + reader.max_request_bytes
-    return reader.threads * (-(-per_thread // 2**20) * 2**20)
+    """The most memory the reader's staging buffers can hold: one per worker and one for the calling
+    thread, each a power of two covering a chunk plus one request."""
+    per_thread = 1 << (reader.chunk_bytes + reader.max_request_bytes - 1).bit_length()
+    return (reader.threads + 1) * per_thread
 
 
 def _record_bytes(bundle: Bundle) -> int:
@@ -179,6 +183,12 @@ class FlashStats:
 
 
 def peak_rss() -> int:
+    """The process's peak RSS (VmHWM). Not getrusage's ru_maxrss, which keeps the peak of the image a
+    forked child had before exec (a large parent shows up as our peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -211,12 +221,14 @@ class FlashModel:
             k = min(settings.window, len(stats["distinct"][0])) - 1
             need = [layer[k] for layer in stats["distinct"]]
         predictor_bytes = self.predictors.nbytes if self.predictors is not None else 0
-        # requests of 256 KiB already reach the disk's bandwidth (DESIGN.md §3); smaller staging, more cache
-        self.reader = FlashReader(threads=settings.threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES)
+        # requests of 128 KiB already reach the disk's bandwidth (DESIGN.md §3); smaller staging, more cache
+        threads = settings.threads or min(IOProfile.for_path(bundle.folder).best_threads, MAX_THREADS)
+        self.reader = FlashReader(threads=threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES)
         self.plan = plan_budget(bundle, budget, predictor_bytes, max_tokens, prefill_tokens, need,
                                 staging_bound(self.reader))
         weights = {name: tensor for name, tensor in bundle.resident_tensors()}
         self.model = bundle.family.model(bundle.config, weights, bundle.dtype)
+        self.model.limit_context(max_tokens)
         self.thresholds = self.predictors.activation_thresholds if self.predictors is not None else [0.0] * L
         self.oracle_weights = self._load_oracle() if settings.mode == "oracle" else None
         record = self.plan.record_bytes

@@ -147,7 +147,10 @@ def test_truncated_file_names_the_layer(disk_dir):
     path = disk_dir / "layer.bin"
     write_layer(path, 4096, stride, count - 1, tail=100)  # one record short
     region = RecordRegion(path, 4096, stride, count, "layer 3")
-    with FlashReader() as reader, pytest.raises(FlashLLMError, match=r"layer 3: .* is truncated: needs \d+ bytes, has \d+"):
+    with (
+        FlashReader() as reader,
+        pytest.raises(FlashLLMError, match=r"layer 3: .* is truncated: needs \d+ bytes, has \d+"),
+    ):
         read(reader, region, [0])
 
 
@@ -274,7 +277,7 @@ def test_io_profile_default_save_load(tmp_path):
     assert default.source == "default"
     assert 15e-6 < default.request_seconds < 25e-6  # ~50k reads/s
     assert 0.9e9 < default.bytes_per_second < 1.1e9  # ~1 GB/s
-    assert default.best_threads == 16
+    assert default.best_threads == 32  # the paper's choice too
     assert IOProfile.load(tmp_path) is None
     assert IOProfile.for_path(tmp_path).source == "default"
     measured = IOProfile(table={4096: {1: 50.0, 8: 200.0}, 1 << 20: {1: 900.0, 8: 1000.0}},

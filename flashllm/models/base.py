@@ -75,6 +75,9 @@ class Transformer:
     def w(self, name: str) -> torch.Tensor | None:
         return self.weights.get(name)
 
+    def limit_context(self, max_tokens: int) -> None:
+        """Size position tables for max_tokens instead of the model's whole context (saves DRAM)."""
+
     def new_cache(self, max_tokens: int) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, max_tokens, c.num_key_value_heads, c.head_dim, self.dtype)

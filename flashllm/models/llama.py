@@ -160,6 +160,10 @@ class LlamaModel(Transformer):
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling)
         self.lm_head = weights["embed.weight"] if config.tie_word_embeddings else weights["lm_head.weight"]
 
+    def limit_context(self, max_tokens: int) -> None:
+        c = self.config
+        self.rotary = Rotary(c.head_dim, c.rope_theta, min(max_tokens, c.max_position_embeddings), c.rope_scaling)
+
     @staticmethod
     def ffn_spec(config: LlamaConfig) -> FFNSpec:
         return FFNSpec(gated=True, activation=ACTIVATIONS[config.hidden_act], d=config.hidden_size,
