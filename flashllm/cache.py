@@ -9,13 +9,14 @@ sets exceeds any useful capacity, so an eviction policy decides what stays:
 - "window": the paper's rule: also drop neurons not needed in the last K tokens, then LRU.
 - "pinned": the most frequently needed neurons (by a running count) are never evicted while they
   stay among the hottest `pin_fraction` of capacity; the rest is LRU.
+- "static": first come, kept forever: the paper's hybrid baseline (part of the FFN resident).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-POLICIES = ("lru", "window", "pinned")
+POLICIES = ("lru", "window", "pinned", "static")
 NEVER = np.iinfo(np.int64).min // 2
 
 
@@ -62,7 +63,7 @@ class NeuronCache:
         if self.policy == "window":
             self._evict_slots(np.flatnonzero(self.last_used[:self.num_used] <= self.step - self.window))
         room = self.capacity - self.num_used
-        if len(missing) > room:
+        if len(missing) > room and self.policy != "static":
             self._evict_for(len(missing) - room)
         return missing[:self.capacity - self.num_used]
 

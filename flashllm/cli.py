@@ -238,10 +238,24 @@ def verify(bundle: Path = typer.Argument(..., help="A bundle folder.")):
 def bench(
     target: str = typer.Argument(..., help="A bundle folder or known model name, or `io` for the disk benchmark."),
     path: Optional[Path] = typer.Argument(None, help="With `io`: a file or folder on the disk to measure."),
-    quick: bool = typer.Option(False, "--quick", help="With `io`: a few seconds instead of under a minute."),
+    quick: bool = typer.Option(False, "--quick", help="`io`: seconds, not a minute. Models: 1 prompt, 16+16 tokens."),
+    dram_budget: str = typer.Option("50%", "--dram-budget", "-b", help="DRAM budget: 1.5GB, 800MiB or 50%."),
+    prompts: int = typer.Option(4, min=1, help="Prompts (windows of held-out text)."),
+    prompt_tokens: int = typer.Option(128, min=1, help="Tokens of context per prompt."),
+    tokens: int = typer.Option(256, min=2, help="Tokens decoded per prompt (teacher-forced on the real text)."),
+    strategies: str = typer.Option(",".join(("naive", "hybrid", "page-cache", "predictor", "predictor+window", "all",
+                                             "oracle")), help="Comma-separated strategies."),
+    window: int = typer.Option(4, min=1, help="The cache's window (the paper's k)."),
+    policy: str = typer.Option("lru", help="Cache policy for the windowed strategies: lru, window, pinned."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Flash reader threads."),
+    corpus: Optional[str] = typer.Option(None, help="Text file or folder for the prompts (default: built-in held-out)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    sweep: bool = typer.Option(False, "--sweep", help="Run budgets 30%..100% (the paper's Figure 7)."),
+    plot: Optional[Path] = typer.Option(None, help="With --sweep: ms/token against the budget, as a PNG."),
 ):
-    """Benchmarks. `flashllm bench io [PATH]`: random-read MB/s and IOPS by chunk size and threads, saved
-    as the I/O profile the engine's coalescing and thread count use."""
+    """Benchmarks. `flashllm bench MODEL`: the paper's strategies side by side under one budget.
+    `flashllm bench io [PATH]`: random-read MB/s and IOPS by chunk size and threads, saved as the I/O
+    profile the engine's coalescing and thread count use."""
     with user_errors():
         if target == "io":
             from flashllm.iobench import format_profile_table, run_io_bench
@@ -250,9 +264,60 @@ def bench(
                 profile = run_io_bench(path, quick=quick, progress=bar)
             console.print(format_profile_table(profile))
             return
-        from flashllm.errors import FlashLLMError
+        import json
 
-        raise FlashLLMError("model benchmarks arrive with the bench issue; try `flashllm bench io`")
+        from flashllm.bench import BenchSettings, plot_sweep, run_bench, sweep as run_sweep
+
+        folder = _bundle_for(target)
+        settings = BenchSettings(budget=dram_budget, prompts=1 if quick else prompts,
+                                 prompt_tokens=16 if quick else prompt_tokens, tokens=16 if quick else tokens,
+                                 strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
+                                 window=window, policy=policy, threads=threads, corpus=corpus)
+        log = lambda message: console.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
+        if sweep:
+            with _progress("sweeping") as bar:
+                runs = run_sweep(folder, settings, [30, 40, 50, 60, 70, 80, 90, 100], bar, log)
+            for run in runs:
+                console.print(_bench_table(run))
+            report = {"sweep": runs}
+            if plot:
+                plot_sweep(runs, plot)
+                console.print(f"plot: {plot}", highlight=False)
+        else:
+            with _progress("benchmarking") as bar:
+                report = run_bench(folder, settings, bar, log)
+            console.print(_bench_table(report))
+        if json_file:
+            json_file.write_text(json.dumps(report, indent=1))
+            console.print(f"report: {json_file}", highlight=False)
+
+
+def _bench_table(report: dict):
+    """Strategies as rows, like the paper's Tables 2 and 3."""
+    from rich.table import Table
+
+    table = Table(title=f"{report['model']}: budget {report['budget_bytes'] / 1e6:,.0f} MB "
+                        f"({100 * report['budget_bytes'] / report['model_bytes']:.0f}% of {report['model_bytes'] / 1e6:,.0f} MB), "
+                        f"{report['prompts']} prompts x {report['tokens']} tokens; ms/token are medians",
+                  title_justify="left")
+    for column in ("strategy", "I/O", "memory", "predictor", "compute", "total ms", "p10-p90", "MB/token", "GB/s",
+                   "hits", "peak RSS MB", "top-1", "ppl", "note"):
+        table.add_column(column, justify="left" if column in ("strategy", "note") else "right")
+    naive = next((r for r in report["strategies"] if r["name"] == "naive" and r["tokens"]), None)
+    for r in report["strategies"]:
+        ms = r["ms_per_token"]
+        fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+        note = r["note"]
+        if naive and r["name"] != "naive" and r["tokens"] and r["bytes_read_per_token"]:
+            note = f"{naive['bytes_read_per_token'] / r['bytes_read_per_token']:.1f}x fewer bytes than naive" + \
+                (f"; {note}" if note else "")
+        table.add_row(r["name"], fmt(ms["io"]), fmt(ms["memory"]), fmt(ms["predictor"]), fmt(ms["compute"]),
+                      fmt(ms["total"]), f"{r['ms_per_token_spread']['p10']:.0f}-{r['ms_per_token_spread']['p90']:.0f}",
+                      fmt(r["bytes_read_per_token"] / 1e6), fmt(r["read_gbps"], "{:.2f}"),
+                      fmt(r["cache_hit_rate"] and 100 * r["cache_hit_rate"], "{:.0f}%"),
+                      fmt(r["peak_rss_bytes"] / 1e6, "{:.0f}"), fmt(r["top1_agreement"], "{:.3f}"),
+                      fmt(r["perplexity"], "{:.2f}"), note)
+    return table
 
 
 def _describe(s: dict) -> str:

@@ -158,9 +158,7 @@ def convert(source: Path, out: Path, dtype: str = "float16", layout: str = "bund
     torch_dtype = DTYPE_NAMES[dtype]
     source, out = Path(source).expanduser(), Path(out).expanduser()
     _check_out(source, out, force)
-    src = open_source(source)
-    if src.kind == "bundle":
-        raise FlashLLMError(f"{source} is already a bundle")
+    src = open_source(source)  # a bundle is a source too: converting it changes layout or dtype
     config, spec = src.config, src.family.model.ffn_spec(src.config)
     shapes = config.expected_shapes()
     resident_shapes = {k: v for k, v in shapes.items() if not is_record_tensor(k)}

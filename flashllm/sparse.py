@@ -41,6 +41,7 @@ class FlashSettings:
     pin_fraction: float = 0.5
     threads: int | None = None
     mode: str = "predictor"
+    cache: bool = True  # False: no neuron cache, every needed record is read each token
 
 
 def parse_budget(text: str, model_bytes: int) -> int:
@@ -93,7 +94,7 @@ class BudgetPlan:
 
 
 def plan_budget(bundle: Bundle, budget: int, predictor_bytes: int, max_tokens: int, prefill_tokens: int,
-                weights: list[float] | None = None, reader_bytes: int = 0) -> BudgetPlan:
+                weights: list[float] | None = None, reader_bytes: int = 0, cache: bool = True) -> BudgetPlan:
     """Fixed costs first; what is left becomes neuron caches, split by each layer's need (`weights`:
     the paper's Req_i, e.g. distinct neurons over the window) and never more than a layer's neurons."""
     c, spec = bundle.config, bundle.spec
@@ -116,7 +117,7 @@ def plan_budget(bundle: Bundle, budget: int, predictor_bytes: int, max_tokens: i
     weights = np.maximum(weights, 1e-9)
     capacities = np.zeros(L, dtype=np.int64)
     open_layers = np.ones(L, dtype=bool)
-    rows_left = max(spare, 0) // per_row
+    rows_left = max(spare, 0) // per_row if cache else 0
     while rows_left > 0 and open_layers.any():  # water-filling: a full layer's share goes to the others
         share = weights * open_layers / (weights * open_layers).sum()
         grant = np.minimum(np.floor(share * rows_left).astype(np.int64), n_ff - capacities)
@@ -225,7 +226,7 @@ class FlashModel:
         threads = settings.threads or min(IOProfile.for_path(bundle.folder).best_threads, MAX_THREADS)
         self.reader = FlashReader(threads=threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES)
         self.plan = plan_budget(bundle, budget, predictor_bytes, max_tokens, prefill_tokens, need,
-                                staging_bound(self.reader))
+                                staging_bound(self.reader), cache=settings.cache)
         weights = {name: tensor for name, tensor in bundle.resident_tensors()}
         self.model = bundle.family.model(bundle.config, weights, bundle.dtype)
         self.model.limit_context(max_tokens)

@@ -25,7 +25,7 @@ def run_step(cache, needed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(capacity=st.integers(0, 40), policy=st.sampled_from(["lru", "window", "pinned"]), window=st.integers(1, 5),
+@given(capacity=st.integers(0, 40), policy=st.sampled_from(["lru", "window", "pinned", "static"]), window=st.integers(1, 5),
        steps=st.lists(st.lists(st.integers(0, N - 1), max_size=30), min_size=1, max_size=25))
 def test_random_steps_keep_cache_consistent(capacity, policy, window, steps):
     cache = NeuronCache(N, capacity, RECORD, policy=policy, window=window)
@@ -68,6 +68,13 @@ def test_overflow_when_needed_exceeds_capacity():
     cache = NeuronCache(N, 4, RECORD)
     hits, missing, insert = run_step(cache, range(10))
     assert len(insert) == 4 and len(missing) == 10
+
+
+def test_static_never_evicts():
+    cache = NeuronCache(N, 3, RECORD, policy="static")
+    for needed in ([1, 2, 3], [4, 5], [6]):
+        run_step(cache, needed)
+    assert sorted(cache.pointer[:cache.num_used]) == [1, 2, 3]
 
 
 def test_unknown_policy():
