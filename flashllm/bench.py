@@ -55,6 +55,7 @@ class BenchSettings:
     policy: str = "lru"
     threads: int | None = None
     corpus: str | None = None
+    merge_gap_bytes: int | None = None  # None: coalesce by the disk's I/O profile
 
 
 @dataclass
@@ -244,7 +245,8 @@ def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, in
     split = split_bundle(bundle) if {"predictor", "predictor+window"} & set(settings.strategies) else None
     max_tokens = settings.prompt_tokens + settings.tokens
     common = {"budget": budget, "max_tokens": max_tokens, "prefill": settings.prompt_tokens,
-              "window": settings.window, "policy": settings.policy, "threads": settings.threads}
+              "window": settings.window, "policy": settings.policy, "threads": settings.threads,
+              "merge_gap_bytes": settings.merge_gap_bytes}
     workers: dict[str, Worker] = {}
     results = {name: StrategyResult(name) for name in ("resident", *settings.strategies)}
     failed: dict[str, str] = {}
@@ -484,7 +486,8 @@ def _build_engine(config: dict) -> _Engine:
         return _MmapEngine(folder)
     from flashllm.sparse import FlashModel, FlashSettings
 
-    fields = dict(config["settings"], window=config["window"], threads=config["threads"])
+    fields = dict(config["settings"], window=config["window"], threads=config["threads"],
+                  merge_gap_bytes=config["merge_gap_bytes"])
     flash = FlashModel(folder, config["budget"], FlashSettings(**fields), config["max_tokens"], config["prefill"])
     torch.set_grad_enabled(False)
     return _FlashEngine(flash)

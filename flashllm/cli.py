@@ -320,6 +320,87 @@ def _bench_table(report: dict):
     return table
 
 
+@app.command("train-predictor")
+def train_predictor(
+    bundle: Path = typer.Argument(..., help="A bundle folder (from `flashllm convert`)."),
+    corpus: Optional[str] = typer.Option(None, help="Text file or folder (default: built-in stdlib docs, held-out split kept apart)."),
+    tokens: int = typer.Option(24_576, min=64, help="Training tokens."),
+    eval_tokens: int = typer.Option(8_192, min=0, help="Held-out tokens for the quality report (0: skip)."),
+    rank: Optional[int] = typer.Option(None, min=1, help="Predictor rank (default 128, capped below d)."),
+    last_rank: Optional[int] = typer.Option(None, min=1, help="Rank of the last 4 layers (default 2x rank)."),
+    sparsity: Optional[float] = typer.Option(None, help="Target sparsity S of gated FFNs (default 0.5)."),
+    recall: float = typer.Option(0.99, help="Target recall of the per-layer decision thresholds."),
+    epochs: int = typer.Option(8, min=1, help="Training epochs per layer."),
+    context: int = typer.Option(512, min=8, help="Tokens per training sequence."),
+):
+    """Calibrate activation thresholds and train the per-layer low-rank activation predictors."""
+    with user_errors():
+        from flashllm.predictor import train_predictors
+
+        with _progress("training") as bar:
+            result = train_predictors(bundle, corpus, tokens=tokens, rank=rank, last_rank=last_rank,
+                                      sparsity=sparsity, recall=recall, context=context, eval_tokens=eval_tokens,
+                                      epochs=epochs, progress=bar)
+        console.print(_predictor_table(result.report))
+        console.print(f"predictors written into {result.folder} in {result.seconds:.0f} s", highlight=False)
+
+
+def _predictor_table(report: dict):
+    from rich.table import Table
+
+    o = report["overall"]
+    table = Table(title=f"predictors: {o['predictor_bytes'] / 1e6:.1f} MB ({o['predictor_percent_of_model']:.1f}% of the "
+                  f"model), trained in {o['train_seconds']:.0f} s", title_justify="left")
+    for column in ("layer", "rank", "true active", "predicted", "recall", "precision", "train s"):
+        table.add_column(column, justify="right")
+    for r in report["layers"]:
+        table.add_row(str(r["layer"]), str(r["rank"]), f"{100 * r['true_active']:.1f}%",
+                      f"{100 * r['predicted_active']:.1f}%", f"{r['recall']:.3f}", f"{r['precision']:.3f}",
+                      f"{r['train_seconds']:.1f}")
+    table.add_row("all", "", f"{100 * o['true_active']:.1f}%", f"{100 * o['predicted_active']:.1f}%",
+                  f"{o['recall']:.3f}", f"{o['precision']:.3f}", f"{o['train_seconds']:.0f}", style="bold")
+    quality = report.get("quality")
+    if quality:
+        dense = quality["dense"]["perplexity"]
+        table.caption = "held-out: " + ", ".join(
+            f"{mode} ppl {q['perplexity']:.3f} ({100 * (q['perplexity'] / dense - 1):+.1f}%, top-1 {q['top1_agreement']:.3f})"
+            for mode, q in quality.items())
+    return table
+
+
+@app.command()
+def perplexity(
+    model: str = typer.Argument(..., help="A bundle folder, GGUF file, Hugging Face folder or known model name."),
+    text: str = typer.Argument(..., help="A text file, or builtin:heldout / builtin:train."),
+    mode: str = typer.Option("dense", help="dense, oracle (true active sets) or predictor."),
+    sparsity: Optional[float] = typer.Option(None, help="Target sparsity for oracle mode on gated FFNs."),
+    dram_budget: Optional[str] = typer.Option(None, "--dram-budget", "-b", help="Run the mode through the budgeted engine."),
+    context: int = typer.Option(512, min=4, help="Tokens per chunk (the second half of each is scored)."),
+    max_tokens: Optional[int] = typer.Option(None, min=4, help="Use at most this many tokens of the text."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Perplexity of a text and top-1 agreement with dense, in the manner of llama-perplexity."""
+    with user_errors():
+        import json
+
+        from flashllm.perplexity import perplexity as run
+
+        path = _bundle_for(model) if dram_budget else _resolve(model)
+        with _progress("scoring") as bar:
+            result = run(path, text, mode=mode, sparsity=sparsity, dram_budget=dram_budget, context=context,
+                         max_tokens=max_tokens, progress=bar)
+        if as_json:
+            typer.echo(json.dumps({k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in result.items()}))
+            return
+        dense = result["dense"]
+        for name in dict.fromkeys(["dense", mode]):
+            r = result[name]
+            extra = f", +{100 * (r.perplexity / dense.perplexity - 1):.2f}% vs dense, top-1 {r.top1_agreement:.3f}" \
+                if name != "dense" else ""
+            typer.echo(f"{name}: perplexity {r.perplexity:.4f} over {r.tokens} tokens ({r.chunks} chunks of "
+                       f"{r.context}){extra}")
+
+
 def _describe(s: dict) -> str:
     return (f"resident {s['resident_bytes'] / 1e6:.1f} MB, FFN {s['ffn_bytes'] / 1e6:.1f} MB "
             f"({100 * s['ffn_bytes'] / s['total_bytes']:.0f}%), {s['record_bytes']} bytes per neuron record, "

@@ -42,6 +42,7 @@ class FlashSettings:
     threads: int | None = None
     mode: str = "predictor"
     cache: bool = True  # False: no neuron cache, every needed record is read each token
+    merge_gap_bytes: int | None = None  # gaps read through when coalescing (None: from the I/O profile)
 
 
 def parse_budget(text: str, model_bytes: int) -> int:
@@ -209,10 +210,10 @@ class FlashModel:
         self.settings = settings
         self.spec = bundle.spec
         self.predictors = None
-        if settings.mode == "predictor":
+        if settings.mode in ("predictor", "oracle"):  # the oracle uses the predictors' activation thresholds
             from flashllm.predictor import load_predictors
 
-            self.predictors = load_predictors(bundle.folder)
+            self.predictors = load_predictors(bundle.folder, dtype=bundle.dtype)  # fp16 gemv is fast on CPU
         if settings.mode == "predictor" and self.predictors is None:
             self.settings.mode = "dense"  # the CLI says once how to train them
         L = bundle.config.num_hidden_layers
@@ -221,10 +222,11 @@ class FlashModel:
             stats = self.predictors.window_stats
             k = min(settings.window, len(stats["distinct"][0])) - 1
             need = [layer[k] for layer in stats["distinct"]]
-        predictor_bytes = self.predictors.nbytes if self.predictors is not None else 0
+        predictor_bytes = self.predictors.nbytes if settings.mode == "predictor" else 0
         # requests of 128 KiB already reach the disk's bandwidth (DESIGN.md §3); smaller staging, more cache
         threads = settings.threads or min(IOProfile.for_path(bundle.folder).best_threads, MAX_THREADS)
-        self.reader = FlashReader(threads=threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES)
+        self.reader = FlashReader(threads=threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES,
+                                  merge_gap_bytes=settings.merge_gap_bytes)
         self.plan = plan_budget(bundle, budget, predictor_bytes, max_tokens, prefill_tokens, need,
                                 staging_bound(self.reader), cache=settings.cache)
         weights = {name: tensor for name, tensor in bundle.resident_tensors()}

@@ -53,3 +53,20 @@ def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
+
+
+def tiny_tokenizer(folder: Path, vocab_size: int = 96) -> None:
+    """A byte-level BPE trained on a little stdlib text, saved beside a tiny checkpoint."""
+    import json
+    import pydoc_data.topics as topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([topics.topics["assignment"], topics.topics["if"]], trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))

@@ -1,0 +1,177 @@
+"""Text for predictor training and perplexity: a built-in corpus from Python's own documentation, or
+the user's text files, each split into documents with a deterministic held-out split.
+
+The built-in corpus needs no download: the language reference in `pydoc_data/topics.py` and the
+docstrings of the standard library's modules (read with `ast`, never imported). A document is held out
+when the CRC-32 of its name says so, so the split is stable when documents are added or removed
+(another Python version ships slightly different text: the corpus description names the version).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import platform
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from flashllm.errors import FlashLLMError
+
+HELDOUT_EVERY = 10  # one document in ten is held out
+MAX_DOCUMENT_CHARS = 16_000  # long documents are cut into pieces so that none dominates
+MIN_DOCUMENT_CHARS = 200
+BUILTIN = "builtin"
+SPLITS = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    load: Callable[[], str]
+
+    @property
+    def split(self) -> str:
+        return "heldout" if zlib.crc32(b"split:" + self.name.encode()) % HELDOUT_EVERY == 0 else "train"
+
+
+class Corpus:
+    """Documents in a fixed order; text is read only when a document is reached."""
+
+    def __init__(self, description: str, documents: list[Document]):
+        self.description = description
+        self.documents = documents
+
+    def texts(self, split: str) -> Iterator[str]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}")
+        for doc in self.documents:
+            if doc.split == split:
+                for piece in _pieces(doc.load()):
+                    yield piece
+
+    def tokens(self, split: str, encode: Callable[[str], list[int]], max_tokens: int) -> list[int]:
+        """Token ids of the split's documents back to back (blank line between), up to max_tokens."""
+        ids: list[int] = []
+        for text in self.texts(split):
+            ids += encode(text.strip() + "\n\n")
+            if len(ids) >= max_tokens:
+                break
+        return ids[:max_tokens]
+
+
+def load_corpus(path: str | Path | None = None) -> Corpus:
+    """The built-in corpus (None or "builtin"), a text file, or a folder of text files."""
+    if path is None or str(path) == BUILTIN:
+        return builtin_corpus()
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FlashLLMError(f"{path}: no such file or folder")
+    if path.is_file():
+        text = read_text(path)
+        pieces = list(_pieces(text))
+        docs = [Document(f"{path.name}#{i}", lambda p=p: p) for i, p in enumerate(pieces)]
+        return Corpus(f"{path} ({len(text):,} characters)", _ensure_heldout(docs))
+    files = sorted(p for p in _walk(path) if p.is_file())
+    docs, chars = [], 0
+    for file in files:
+        try:
+            text = read_text(file)
+        except FlashLLMError:
+            continue  # binary or empty files in a folder are skipped, not fatal
+        chars += len(text)
+        for i, piece in enumerate(_pieces(text)):
+            docs.append(Document(f"{file.relative_to(path)}#{i}", lambda p=piece: p))
+    if not docs:
+        raise FlashLLMError(f"{path}: no text files in this folder")
+    return Corpus(f"{path} ({len(files)} files, {chars:,} characters)", _ensure_heldout(docs))
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, or a one-line error for a missing, empty or binary file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FlashLLMError(f"{path}: no such file")
+    if path.is_dir():
+        raise FlashLLMError(f"{path}: is a folder, expected a text file")
+    data = path.read_bytes()
+    if not data.strip():
+        raise FlashLLMError(f"{path}: the file is empty")
+    if b"\0" in data[:65536]:
+        raise FlashLLMError(f"{path}: not a text file (binary content)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FlashLLMError(f"{path}: not a text file (not UTF-8)") from None
+
+
+def builtin_corpus() -> Corpus:
+    """The language reference (pydoc topics) and standard library docstrings, interleaved by hash."""
+    import pydoc_data.topics as topics
+
+    docs = [Document(f"topics/{key}", lambda key=key: topics.topics[key]) for key in sorted(topics.topics)]
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    for file in sorted(_walk(lib, skip={"site-packages", "dist-packages", "test", "tests", "idle_test",
+                                        "__pycache__", "lib2to3", "turtledemo", "encodings"})):
+        if file.suffix == ".py":
+            docs.append(Document(f"lib/{file.relative_to(lib).as_posix()}", lambda f=file: _docstrings(f)))
+    docs.sort(key=lambda d: zlib.crc32(d.name.encode()))
+    return Corpus(f"built-in: Python {platform.python_version()} pydoc topics and standard library docstrings",
+                  docs)
+
+
+def _walk(root: Path, skip: set[str] = frozenset()) -> Iterator[Path]:
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(s for s in subfolders if s not in skip and not s.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
+def _docstrings(file: Path) -> str:
+    """Module, class and function docstrings of one source file, in source order."""
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        return ""
+    parts = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 40:
+                parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """Cut a long text at blank lines into pieces of at most MAX_DOCUMENT_CHARS."""
+    text = text.strip()
+    if len(text) < MIN_DOCUMENT_CHARS:
+        if text:
+            yield text
+        return
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + MAX_DOCUMENT_CHARS)
+        if end < len(text):
+            cut = text.rfind("\n\n", start + MAX_DOCUMENT_CHARS // 2, end)
+            end = cut if cut > 0 else end
+        yield text[start:end]
+        start = end
+
+
+def _ensure_heldout(docs: list[Document]) -> list[Document]:
+    """A small user corpus may hash no document into the held-out split: then hold out the last one."""
+    if len(docs) > 1 and not any(d.split == "heldout" for d in docs):
+        last = docs[-1]
+        docs[-1] = _HeldOut(last.name, last.load)
+    return docs
+
+
+@dataclass(frozen=True)
+class _HeldOut(Document):
+    @property
+    def split(self) -> str:
+        return "heldout"

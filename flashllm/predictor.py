@@ -1,0 +1,522 @@
+"""Activation sparsity and the low-rank predictors that guess, per token and layer, which FFN neurons
+are needed before any of them is read from flash.
+
+Active means: ReLU FFN (OPT): a_i > 0, exact. Gated FFN (SwiGLU/GeGLU): |a_i| > t_l with
+a_i = act(g_i.x) * (u_i.x) and t_l a per-layer threshold calibrated on text to reach a target sparsity
+(CATS, TEAL). t_l = 0 keeps every neuron whose coefficient is not exactly zero: the dense model.
+
+The predictor of layer l is Linear(d -> r, no bias) then Linear(r -> n_ff) on the layer's FFN input,
+trained with a loss balanced between active and inactive neurons (Deja Vu, LLM in a flash); its
+decision threshold is tuned per layer on a validation slice for a target recall, because a missed
+neuron costs quality while a false positive only costs a read. The sparse FFN keeps
+neuron i when it is predicted AND |a_i| > t_l, so with full recall it equals the oracle exactly.
+
+Files in the bundle folder: predictors.safetensors (float16 weights) and predictors.json (settings,
+per-layer thresholds, window statistics, the training report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flashllm.errors import FlashLLMError
+from flashllm.models.common import FFNSpec, active_mask, neuron_coefficients
+
+__all__ = ["active_mask", "Predictors", "LayerPredictor", "load_predictors", "train_predictors", "train_layer",
+           "sparse_ffn", "calibrate_thresholds", "window_distinct", "DEFAULT_SPARSITY"]
+
+FORMAT = "flashllm-predictors"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "predictors.safetensors"
+SETTINGS_FILE = "predictors.json"
+DEFAULT_SPARSITY = 0.5
+DEFAULT_RECALL = 0.99
+DEFAULT_TOKENS = 24_576
+DEFAULT_EVAL_TOKENS = 8_192
+DEFAULT_CONTEXT = 512
+DEFAULT_EPOCHS = 8
+LAST_LAYERS = 4  # the paper gives the last layers a larger rank
+WINDOW_K = list(range(1, 9))
+THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # sparsities 0.05 .. 0.95
+VALIDATION_SHARE = 0.1  # of the training tokens, for the decision thresholds
+THRESHOLD_SAMPLE = 1 << 22  # |a| values per layer kept for the quantiles
+MIN_EVAL_TOKENS = 16
+
+Progress = Callable[[int, int, str], None]
+
+
+# -- the predictors --------------------------------------------------------------------------------
+
+@dataclass
+class LayerPredictor:
+    w_in: torch.Tensor  # [r, d]
+    w_out: torch.Tensor  # [n_ff, r]
+    b_out: torch.Tensor  # [n_ff]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, d] -> [T, n_ff]."""
+        return F.linear(F.linear(x, self.w_in), self.w_out, self.b_out)
+
+    @property
+    def rank(self) -> int:
+        return self.w_in.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w_in, self.w_out, self.b_out))
+
+    def to(self, dtype: torch.dtype) -> "LayerPredictor":
+        return LayerPredictor(*(t.to(dtype).contiguous() for t in (self.w_in, self.w_out, self.b_out)))
+
+
+class Predictors:
+    """Per-layer predictors with their settings; `predict` runs on every token of every layer."""
+
+    def __init__(self, layers: list[LayerPredictor], settings: dict, dtype: torch.dtype = torch.float32):
+        self.layers = [p.to(dtype) for p in layers]
+        self.settings = settings
+        self.dtype = dtype
+        self.decision_thresholds: list[float] = [float(t) for t in settings["decision_thresholds"]]
+
+    sparsity = property(lambda self: float(self.settings["sparsity"]))
+    activation_thresholds = property(lambda self: [float(t) for t in self.settings["activation_thresholds"]])
+    window_stats = property(lambda self: self.settings.get("window_stats"))
+    ranks = property(lambda self: [p.rank for p in self.layers])
+    report = property(lambda self: self.settings.get("report", {}))
+    threshold_table = property(lambda self: self.settings.get("threshold_table", {}))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the predictors keep in DRAM (in their compute dtype)."""
+        return sum(p.nbytes for p in self.layers)
+
+    def logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer].logits(x.to(self.dtype))
+
+    def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, d] FFN input -> [T, n_ff] bool, the neurons to read for each token."""
+        return self.logits(layer, x) >= self.decision_thresholds[layer]
+
+    def save(self, folder: Path) -> None:
+        """predictors.safetensors (float16) and predictors.json, each written to a temporary name and
+        renamed, weights first, so a reader never sees settings without their weights."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tensors = {}
+        for i, p in enumerate(self.layers):
+            tensors[f"layers.{i}.predictor.in.weight"] = p.w_in.to(torch.float16).contiguous()
+            tensors[f"layers.{i}.predictor.out.weight"] = p.w_out.to(torch.float16).contiguous()
+            tensors[f"layers.{i}.predictor.out.bias"] = p.b_out.to(torch.float16).contiguous()
+        settings = dict(self.settings, format=FORMAT, format_version=FORMAT_VERSION,
+                        ranks=self.ranks, decision_thresholds=self.decision_thresholds)
+        suffix = f".tmp-{os.getpid()}"
+        try:
+            save_file(tensors, str(folder / (WEIGHTS_FILE + suffix)), metadata={"format": FORMAT})
+            (folder / (SETTINGS_FILE + suffix)).write_text(json.dumps(settings, indent=1))
+            for name in (WEIGHTS_FILE, SETTINGS_FILE):
+                with open(folder / (name + suffix), "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(folder / (name + suffix), folder / name)
+        except OSError as e:
+            for name in (WEIGHTS_FILE, SETTINGS_FILE):
+                (folder / (name + suffix)).unlink(missing_ok=True)
+            raise FlashLLMError(f"writing predictors into {folder} failed: {e.strerror or e}") from None
+
+
+def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predictors | None:
+    """The bundle's predictors, or None when it has none."""
+    folder = Path(folder)
+    settings_path, weights_path = folder / SETTINGS_FILE, folder / WEIGHTS_FILE
+    if not settings_path.exists():
+        return None
+    try:
+        settings = json.loads(settings_path.read_text())
+    except (OSError, ValueError) as e:
+        raise FlashLLMError(f"{settings_path}: unreadable ({e}); run `flashllm train-predictor` again") from None
+    if settings.get("format") != FORMAT or settings.get("format_version") != FORMAT_VERSION:
+        raise FlashLLMError(f"{settings_path}: predictor format {settings.get('format_version')} is not supported "
+                            f"(this flashllm reads {FORMAT_VERSION}); run `flashllm train-predictor` again")
+    from safetensors import safe_open
+
+    layers = []
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            for i in range(len(settings["ranks"])):
+                p = f"layers.{i}.predictor."
+                layers.append(LayerPredictor(f.get_tensor(p + "in.weight"), f.get_tensor(p + "out.weight"),
+                                             f.get_tensor(p + "out.bias")))
+    except Exception as e:  # safetensors' own error types, a missing file or tensor
+        raise FlashLLMError(f"{weights_path}: unreadable predictors ({e}); run `flashllm train-predictor` "
+                            f"again") from None
+    return Predictors(layers, settings, dtype)
+
+
+# -- training one layer ----------------------------------------------------------------------------
+
+@dataclass
+class LayerFit:
+    predictor: LayerPredictor  # float32, values exactly representable in float16 (what is saved)
+    decision_threshold: float
+    seconds: float
+    val_recall: float
+
+
+def train_layer(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, rank: int,
+                recall: float = DEFAULT_RECALL, epochs: int = DEFAULT_EPOCHS, batch: int = 256,
+                lr: float = 3e-3, seed: int = 0) -> LayerFit:
+    """Fit Linear(d->r) -> Linear(r->n_ff) to y = active set of x, then pick the logit cut that reaches
+    `recall` on (x_val, y_val). x: [N, d] float, y: [N, n_ff] bool."""
+    start = time.perf_counter()
+    d, n_ff = x.shape[1], y.shape[1]
+    positive = y.float().mean(0)  # [n_ff] per-neuron rate
+    rate = float(positive.mean())
+    if rate >= 1.0 or rate <= 0.0:  # every neuron always (never) active: a constant predictor is exact
+        predictor = LayerPredictor(torch.zeros(rank, d), torch.zeros(n_ff, rank),
+                                   torch.full((n_ff,), 1.0 if rate >= 1.0 else -1.0))
+        return LayerFit(predictor, 0.0, time.perf_counter() - start, 1.0)
+    g = torch.Generator().manual_seed(seed)
+    w_in = (torch.randn(rank, d, generator=g) / math.sqrt(d)).requires_grad_()
+    w_out = (torch.randn(n_ff, rank, generator=g) / math.sqrt(rank) * 0.1).requires_grad_()
+    b_out = torch.logit(positive.clamp(1e-3, 1 - 1e-3)).requires_grad_()  # start from each neuron's base rate
+    pos_weight = torch.tensor((1 - rate) / rate)  # positives and negatives weigh the same in the loss
+    opt = torch.optim.Adam([w_in, w_out, b_out], lr=lr)
+    steps = epochs * max(1, -(-x.shape[0] // batch))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], batch):
+            rows = order[i:i + batch]
+            logits = F.linear(F.linear(x[rows], w_in), w_out, b_out)  # [B, n_ff]
+            loss = F.binary_cross_entropy_with_logits(logits, y[rows].float(), pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    with torch.no_grad():  # round to what will be stored, then tune the cut on those very weights
+        predictor = LayerPredictor(*(t.detach().to(torch.float16).float() for t in (w_in, w_out, b_out)))
+        threshold = decision_threshold(predictor.logits(x_val), y_val, recall)
+        val_recall = float(((predictor.logits(x_val) >= threshold) & y_val).sum() / y_val.sum().clamp(min=1))
+    return LayerFit(predictor, threshold, time.perf_counter() - start, val_recall)
+
+
+def decision_threshold(logits: torch.Tensor, y: torch.Tensor, recall: float) -> float:
+    """The largest logit cut c with recall(logits >= c) >= `recall` on these labels."""
+    positives = logits[y]
+    if positives.numel() == 0:
+        return float(logits.max()) + 1.0 if logits.numel() else 0.0
+    k = int(math.floor(positives.numel() * (1 - recall))) + 1  # positives below the cut: at most k - 1
+    return float(torch.kthvalue(positives.float(), min(k, positives.numel())).values)
+
+
+def window_distinct(mask: torch.Tensor, ks: list[int] = WINDOW_K) -> list[float]:
+    """Mean number of distinct neurons active in the last K tokens, for each K (the paper's Req_i).
+    mask: [T, n_ff] bool of one sequence in token order."""
+    out, union = [], mask.clone()
+    for k in range(1, max(ks) + 1):
+        if k > 1:
+            union = union[:-1] | mask[k - 1:]  # windows of k tokens ending at positions k-1 ..
+        if k in ks:
+            out.append(float(union.sum(1).float().mean()) if union.shape[0] else float("nan"))
+    return out
+
+
+def _sparsity_threshold(sample: torch.Tensor, sparsity: float) -> float:
+    """The |a| below which a share `sparsity` of the coefficients falls (sample sorted ascending)."""
+    if sparsity <= 0:
+        return 0.0
+    return float(sample[min(int(sparsity * sample.numel()), sample.numel() - 1)])
+
+
+def _abs_sample(a: torch.Tensor, limit: int, g: torch.Generator) -> torch.Tensor:
+    flat = a.abs().flatten()
+    if flat.numel() > limit:
+        flat = flat[torch.randint(flat.numel(), (limit,), generator=g)]
+    return flat
+
+
+# -- the sparse FFN (reference semantics, dense weights in DRAM) ---------------------------------------
+
+class SparseCounts:
+    """Neuron counts summed over tokens and layers: true active, predicted, and predicted-and-true."""
+
+    def __init__(self):
+        self.neurons = self.true = self.predicted = self.hits = 0
+
+    def to_json(self) -> dict:
+        n = max(1, self.neurons)
+        out = {"true_active": self.true / n}
+        if self.predicted:
+            out |= {"predicted_active": self.predicted / n, "used": self.hits / n,
+                    "recall": self.hits / max(1, self.true), "precision": self.hits / self.predicted}
+        return out
+
+
+def sparse_ffn(model, thresholds: list[float], predictors: Predictors | None = None,
+               counts: SparseCounts | None = None):
+    """The FFN callable for model.forward in oracle mode (no predictors: keep |a| > t_l) or predictor
+    mode (keep predicted AND |a| > t_l). The budgeted engine computes the same sum from flash."""
+    spec: FFNSpec = model.spec
+
+    def ffn(layer: int, x: torch.Tensor) -> torch.Tensor:
+        a = _coefficients(model, layer, x)  # [T, n_ff]
+        keep = active_mask(spec, a, thresholds[layer])  # [T, n_ff] bool
+        if predictors is not None:
+            predicted = predictors.predict(layer, x)
+            if counts is not None:
+                counts.predicted += int(predicted.sum())
+                counts.hits += int((predicted & keep).sum())
+            keep_true, keep = keep, keep & predicted
+        else:
+            keep_true = keep
+        if counts is not None:
+            counts.neurons += keep.numel()
+            counts.true += int(keep_true.sum())
+        return F.linear(a * keep, model.w(f"layers.{layer}.ffn.down.weight"))  # [T, d]
+
+    return ffn
+
+
+# -- calibration without training (perplexity --mode oracle on any model) ----------------------------
+
+def calibrate_thresholds(model, sequences: list[torch.Tensor], sparsities: list[float],
+                         progress: Progress | None = None) -> dict[float, list[float]]:
+    """Per-layer thresholds t_l reaching each sparsity on these token sequences (dense forward)."""
+    spec: FFNSpec = model.spec
+    L = model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    budget = max(1, THRESHOLD_SAMPLE // max(1, len(sequences)))
+    samples: list[list[torch.Tensor]] = [[] for _ in range(L)]
+
+    def record(layer: int, x: torch.Tensor) -> torch.Tensor:
+        a = _coefficients(model, layer, x)
+        samples[layer].append(_abs_sample(a.float(), budget, g))
+        return F.linear(a, model.w(f"layers.{layer}.ffn.down.weight"))
+
+    with torch.inference_mode():
+        for i, ids in enumerate(sequences):
+            model.forward(ids, 0, model.new_cache(len(ids)), record)
+            if progress:
+                progress(i + 1, len(sequences), "calibrating thresholds")
+    table = {}
+    sorted_samples = [torch.sort(torch.cat(s)).values for s in samples]
+    for s in sparsities:
+        table[s] = [0.0] * L if not spec.gated else [_sparsity_threshold(v, s) for v in sorted_samples]
+    return table
+
+
+def _coefficients(model, layer: int, x: torch.Tensor) -> torch.Tensor:
+    p = f"layers.{layer}."
+    return neuron_coefficients(model.spec, x, model.w(p + "ffn.gate.weight"), model.w(p + "ffn.up.weight"),
+                               model.w(p + "ffn.up.bias"))  # [T, n_ff]
+
+
+# -- train-predictor -------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    folder: Path
+    predictors: Predictors
+    report: dict
+    seconds: float
+
+
+def default_ranks(spec: FFNSpec, n_layers: int, rank: int | None, last_rank: int | None) -> list[int]:
+    """`rank` for every layer, `last_rank` (default 2 x rank) for the last LAST_LAYERS; both below d."""
+    base = rank if rank is not None else max(16, min(128, spec.d // 4 // 16 * 16 or 16))
+    last = last_rank if last_rank is not None else min(2 * base, spec.d - 1)
+    for name, r in (("--rank", base), ("--last-rank", last)):
+        if r < 1:
+            raise FlashLLMError(f"{name} {r}: must be at least 1")
+        if r >= spec.d:
+            raise FlashLLMError(f"{name} {r}: must be below the model width d = {spec.d} (a predictor of rank "
+                                f">= d is no cheaper than the layer itself)")
+    return [last if i >= n_layers - LAST_LAYERS else base for i in range(n_layers)]
+
+
+def _open_bundle(folder: Path):
+    from flashllm.layout import Bundle, is_bundle
+
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise FlashLLMError(f"{folder}: no such folder")
+    if not is_bundle(folder):
+        raise FlashLLMError(f"{folder}: not a bundle folder (no manifest.json); make one with `flashllm convert`")
+    return Bundle(folder)
+
+
+def _sequences(ids: list[int], context: int) -> list[torch.Tensor]:
+    """Token ids cut into sequences of `context` (the last one may be shorter, but not tiny)."""
+    seqs = [torch.tensor(ids[i:i + context]) for i in range(0, len(ids), context)]
+    if len(seqs) > 1 and len(seqs[-1]) < context // 4:
+        seqs.pop()
+    return seqs
+
+
+def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int = DEFAULT_TOKENS,
+                     rank: int | None = None, last_rank: int | None = None, sparsity: float | None = None,
+                     recall: float = DEFAULT_RECALL, context: int = DEFAULT_CONTEXT,
+                     eval_tokens: int = DEFAULT_EVAL_TOKENS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+                     progress: Progress | None = None) -> TrainResult:
+    """Calibrate thresholds, train one predictor per layer, measure them, and save them into the bundle.
+
+    The model runs layer by layer over the corpus: the hidden states of all sequences advance through
+    layer l (dense), and only layer l's FFN weights, inputs and active sets are in memory at a time.
+    """
+    from flashllm.corpus import load_corpus
+    from flashllm.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    b = _open_bundle(bundle)
+    spec, config = b.spec, b.config
+    L = config.num_hidden_layers
+    if sparsity is not None and not spec.gated:
+        raise FlashLLMError("--sparsity applies to gated FFNs; a ReLU FFN's sparsity is natural (a > 0)")
+    if sparsity is None:
+        sparsity = DEFAULT_SPARSITY if spec.gated else 0.0
+    if not 0.0 <= sparsity < 1.0:
+        raise FlashLLMError(f"--sparsity {sparsity}: must be in [0, 1)")
+    if not 0.0 < recall <= 1.0:
+        raise FlashLLMError(f"--recall {recall}: must be in (0, 1]")
+    ranks = default_ranks(spec, L, rank, last_rank)
+    tokenizer = Tokenizer.from_folder(b.folder)
+    if tokenizer is None:
+        raise FlashLLMError(f"{b.folder}: the bundle has no tokenizer.json")
+    text = load_corpus(corpus)
+    encode = lambda s: tokenizer.encode(s, add_bos=False)  # noqa: E731
+    train_ids = text.tokens("train", encode, tokens)
+    heldout_ids = text.tokens("heldout", encode, eval_tokens) if eval_tokens > 0 else []
+    minimum = 64
+    if len(train_ids) < minimum:
+        raise FlashLLMError(f"the corpus has only {len(train_ids)} training tokens; at least {minimum} are needed")
+    n_val = max(1, int(len(train_ids) * VALIDATION_SHARE))
+    groups = {"train": _sequences(train_ids[:-n_val], context), "val": _sequences(train_ids[-n_val:], context),
+              "heldout": _sequences(heldout_ids, context) if heldout_ids else []}
+
+    weights = {name: t.float() for name, t in b.resident_tensors()}
+    model = b.family.model(config, weights, torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    h = {k: [model.embed(s, 0) for s in seqs] for k, seqs in groups.items()}  # [T, d] per sequence
+    cache = model.new_cache(context)  # every sequence starts at 0 and overwrites what it reads
+    thresholds, table, layers, fits, rows = [], {s: [] for s in THRESHOLD_GRID}, [], [], []
+    distinct, predicted_distinct = [], []
+    collect_seconds = 0.0
+    with torch.no_grad():
+        for layer in range(L):
+            t0 = time.perf_counter()
+            ffn = {k.split(".", 2)[2]: v.float() for k, v in b.dense_ffn(layer).items()}
+            model.weights.update({f"layers.{layer}.{k}": v for k, v in ffn.items()})
+            xs, coeffs = {}, {}
+            for k in groups:
+                xs[k], coeffs[k] = [], []
+                for i, hi in enumerate(h[k]):
+                    hi = model.attention(layer, hi, 0, cache)
+                    x = model.ffn_input(layer, hi)  # [T, d]
+                    a = _coefficients(model, layer, x)  # [T, n_ff]
+                    h[k][i] = hi + model.ffn_output(layer, F.linear(a, ffn["ffn.down.weight"]))
+                    xs[k].append(x)
+                    coeffs[k].append(a)
+            sample = torch.sort(torch.cat([_abs_sample(a, THRESHOLD_SAMPLE // len(coeffs["train"]), g)
+                                           for a in coeffs["train"]])).values
+            t_l = _sparsity_threshold(sample, sparsity) if spec.gated else 0.0
+            thresholds.append(t_l)
+            for s in THRESHOLD_GRID:
+                table[s].append(_sparsity_threshold(sample, s) if spec.gated else 0.0)
+            masks = {k: [active_mask(spec, a, t_l) for a in coeffs[k]] for k in groups}
+            del coeffs, sample
+            for k in list(model.weights):
+                if k.startswith(f"layers.{layer}.ffn."):
+                    del model.weights[k]
+            collect_seconds += time.perf_counter() - t0
+            if progress:
+                progress(layer, L, f"layer {layer}: training rank {ranks[layer]}")
+            with torch.enable_grad():
+                fit = train_layer(torch.cat(xs["train"]), torch.cat(masks["train"]), torch.cat(xs["val"]),
+                                  torch.cat(masks["val"]), ranks[layer], recall, epochs, seed=seed + layer)
+            fits.append(fit)
+            layers.append(fit.predictor)
+            eval_set = "heldout" if groups["heldout"] else "val"
+            y = torch.cat(masks[eval_set])
+            pred = [fit.predictor.logits(x) >= fit.decision_threshold for x in xs[eval_set]]
+            rows.append(_layer_row(layer, y, torch.cat(pred), fit, spec))
+            distinct.append(_mean_window([m for m in masks[eval_set]]))
+            predicted_distinct.append(_mean_window(pred))
+            if progress:
+                progress(layer + 1, L, f"layer {layer}: recall {rows[-1]['recall']:.3f}")
+    del h, xs, masks
+
+    model_bytes = b.manifest["sizes"]["total_bytes"]
+    settings = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "sparsity": sparsity, "gated": spec.gated, "target_recall": recall,
+        "activation_thresholds": thresholds,
+        "decision_thresholds": [f.decision_threshold for f in fits],
+        "decision_threshold_kind": "logit (a neuron is predicted when its logit >= the threshold)",
+        "ranks": ranks,
+        "window_stats": {"K": WINDOW_K, "distinct": distinct, "predicted_distinct": predicted_distinct,
+                         "n_ff": spec.n_ff, "tokens": "heldout" if groups["heldout"] else "validation"},
+        "threshold_table": {f"{s:.2f}": table[s] for s in THRESHOLD_GRID},
+        "corpus": {"description": text.description, "train_tokens": len(train_ids) - n_val,
+                   "validation_tokens": n_val, "heldout_tokens": len(heldout_ids), "context": context},
+    }
+    predictors = Predictors(layers, settings)
+    report = {"layers": rows, "overall": _overall(rows, predictors, model_bytes, fits, collect_seconds)}
+    report["quality"] = None
+    if len(heldout_ids) >= MIN_EVAL_TOKENS:  # quality on the held-out split, by `flashllm perplexity`'s code
+        from flashllm.perplexity import evaluate
+
+        weights.update({k: v.float() for layer in range(L) for k, v in b.dense_ffn(layer).items()})
+        bos = tokenizer.bos_token_id if tokenizer.add_bos else None
+        quality = evaluate(model, heldout_ids, min(context, len(heldout_ids)), ["oracle", "predictor"],
+                           thresholds, predictors, bos=bos, progress=progress)
+        report["quality"] = {mode: r.to_json() for mode, r in quality.items()}
+    report["overall"]["total_seconds"] = time.perf_counter() - start
+    settings["report"] = report
+    predictors.save(b.folder)
+    return TrainResult(b.folder, predictors, report, time.perf_counter() - start)
+
+
+def _layer_row(layer: int, y: torch.Tensor, pred: torch.Tensor, fit: LayerFit, spec: FFNSpec) -> dict:
+    tp = int((y & pred).sum())
+    true, predicted = int(y.sum()), int(pred.sum())
+    total = y.numel()
+    return {"layer": layer, "rank": fit.predictor.rank, "true_active": true / total,
+            "predicted_active": predicted / total, "recall": tp / true if true else 1.0,
+            "precision": tp / predicted if predicted else 1.0, "decision_threshold": fit.decision_threshold,
+            "params": sum(t.numel() for t in (fit.predictor.w_in, fit.predictor.w_out, fit.predictor.b_out)),
+            "train_seconds": fit.seconds}
+
+
+def _mean_window(masks: list[torch.Tensor]) -> list[float]:
+    """Per-K mean of distinct counts over sequences, weighted by the windows each sequence has."""
+    sums, counts = [0.0] * len(WINDOW_K), [0] * len(WINDOW_K)
+    for m in masks:
+        for j, (k, v) in enumerate(zip(WINDOW_K, window_distinct(m))):
+            n = m.shape[0] - k + 1
+            if n > 0:
+                sums[j] += v * n
+                counts[j] += n
+    return [s / c if c else float("nan") for s, c in zip(sums, counts)]
+
+
+def _overall(rows: list[dict], predictors: Predictors, model_bytes: int, fits: list[LayerFit],
+             collect_seconds: float) -> dict:
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731  every layer has n_ff neurons
+    true, predicted = mean("true_active"), mean("predicted_active")
+    recall = sum(r["recall"] * r["true_active"] for r in rows) / max(1e-12, sum(r["true_active"] for r in rows))
+    stored = sum(r["params"] for r in rows) * 2  # float16 on disk
+    return {"true_active": true, "predicted_active": predicted, "recall": recall,
+            "precision": recall * true / predicted if predicted else 1.0,
+            "predictor_bytes": stored, "predictor_dram_bytes": predictors.nbytes,
+            "predictor_percent_of_model": 100 * stored / model_bytes, "model_bytes": model_bytes,
+            "train_seconds": sum(f.seconds for f in fits), "collect_seconds": collect_seconds}

@@ -1,0 +1,429 @@
+"""The peer comparison: llama.cpp (mmap, page cache) vs flashllm on Qwen2.5-Coder-1.5B in fp16, both held
+by the kernel to the same kind of memory cgroup cap.
+
+    python scripts/llamacpp_compare.py [--tokens 32] [--prompt TEXT] [--budget-percent 50]
+                                       [--bundle PATH] [--skip-build] [--threads 2]
+
+Steps (idempotent; everything built lives under $FLASHLLM_HOME/llamacpp, default ~/.cache/flashllm/llamacpp):
+1. llama.cpp from the llama-cpp-python sdist on PyPI (it vendors upstream llama.cpp), cmake + ninja,
+   Release, GGML_NATIVE, CPU only; targets llama-completion (or llama-cli) and llama-quantize.
+2. An F16 GGUF made from the pulled Q4_K_M file with `llama-quantize --allow-requantize IN OUT F16`.
+3. Runs, same prompt, same token count, greedy, same threads:
+   a) llama.cpp F16, no cap;
+   b) llama.cpp F16 in a memory cgroup of budget-percent of the F16 file + 300 MiB, file dropped from
+      the page cache first;
+   c) flashllm with --dram-budget = budget-percent of the same F16 file, in a cgroup of that budget + its
+      own measured fixed overhead (a free run first reads overhead_bytes, as scripts/budget_check.py does).
+
+llama.cpp's bytes read are the kernel's count for the process (read_bytes in /proc/PID/io, which counts
+what reached the block device, mmap page faults included). The script samples it while llama.cpp runs,
+notes the value when the first generated token reaches stdout (prompt echo off), and reads the final
+value from the zombie before reaping it (waitid WNOWAIT). Decode bytes per token = (final - at first
+token) / eval runs reported by llama.cpp. flashllm's numbers come from its --stats json line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flashllm.cgroup import cgroup_peak, cgroup_unavailable_reason, drop_file_cache, memory_cgroup, oom_killed
+from flashllm.hub import resolve
+from flashllm.paths import home
+
+MODEL = "qwen2.5-coder-1.5b"
+MiB = 1 << 20
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------- build
+
+
+def workdir() -> Path:
+    return home() / "llamacpp"
+
+
+def built_binaries(build: Path) -> tuple[Path, Path] | None:
+    bins = build / "bin"
+    quantize = bins / "llama-quantize"
+    for name in ("llama-completion", "llama-cli"):
+        if (bins / name).exists() and quantize.exists():
+            return bins / name, quantize
+    return None
+
+
+def ensure_tools() -> None:
+    missing = [tool for tool in ("cmake", "ninja") if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise SystemExit(f"missing {', '.join(missing)}: install cmake and ninja-build")
+    say("installing cmake ninja-build with apt-get")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "cmake", "ninja-build"], check=True)
+
+
+def fetch_source(root: Path) -> Path:
+    """Download (once) and unpack (once) the llama-cpp-python sdist; its vendored llama.cpp folder."""
+    downloads = root / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(downloads.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        say("pip download --no-binary :all: llama-cpp-python (sdist)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "--quiet", "-d", str(downloads), "llama-cpp-python"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = sorted(downloads.glob("llama_cpp_python-*.tar.gz"))
+        if result.returncode != 0 or not sdists:
+            raise SystemExit(f"pip download llama-cpp-python failed: {result.stderr.strip()[-500:]}")
+    sdist = sdists[-1]
+    name = sdist.name[: -len(".tar.gz")]
+    src = root / "src" / name
+    vendor = src / "vendor" / "llama.cpp"
+    if not (vendor / "CMakeLists.txt").exists():
+        say(f"unpacking {sdist.name}")
+        (root / "src").mkdir(parents=True, exist_ok=True)
+        with tarfile.open(sdist) as tar:
+            tar.extractall(root / "src", filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(root / "src")
+    if not (vendor / "CMakeLists.txt").exists():
+        raise SystemExit(f"{sdist.name} has no vendor/llama.cpp")
+    return vendor
+
+
+def build_llamacpp(skip: bool) -> tuple[Path, Path, float | None]:
+    """(completion binary, quantize binary, build seconds or None if cached)."""
+    root = workdir()
+    build = root / "build"
+    found = built_binaries(build)
+    if found:
+        return (*found, None)
+    if skip:
+        raise SystemExit(f"--skip-build but no llama.cpp build in {build}")
+    ensure_tools()
+    vendor = fetch_source(root)
+    start = time.perf_counter()
+    configure = ["cmake", "-S", str(vendor), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                 "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                 "-DBUILD_SHARED_LIBS=OFF", "-Wno-dev"]
+    say("configuring llama.cpp: " + " ".join(configure[5:]))
+    result = subprocess.run(configure, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"cmake configure failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    targets = subprocess.run(["cmake", "--build", str(build), "--target", "help"], capture_output=True, text=True).stdout
+    main = "llama-completion" if re.search(r"^llama-completion\b", targets, re.M) else "llama-cli"
+    say(f"building {main} and llama-quantize (several minutes on 2 cores)")
+    result = subprocess.run(["cmake", "--build", str(build), "--target", main, "llama-quantize", "-j", str(os.cpu_count() or 2)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"build failed:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}")
+    found = built_binaries(build)
+    if not found:
+        raise SystemExit(f"build finished but no binaries in {build / 'bin'}")
+    seconds = time.perf_counter() - start
+    (root / "build_seconds.txt").write_text(f"{seconds:.0f}\n")
+    return (*found, seconds)
+
+
+def make_f16(quantize: Path) -> Path:
+    source = resolve(MODEL, progress=say)
+    out = workdir() / "qwen2.5-coder-1.5b-f16.gguf"
+    if out.exists():
+        return out
+    say(f"llama-quantize --allow-requantize {source.name} -> {out.name} F16")
+    partial = out.with_name(out.name + ".partial")
+    result = subprocess.run([str(quantize), "--allow-requantize", str(source), str(partial), "F16"],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or not partial.exists():
+        raise SystemExit(f"llama-quantize failed:\n{result.stderr[-2000:]}")
+    os.replace(partial, out)
+    return out
+
+
+# ---------------------------------------------------------------- measuring a process
+
+
+def read_bytes_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class Watched:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    read_bytes: int | None  # whole run
+    read_bytes_at_first_output: int | None
+    peak_bytes: int | None = None  # cgroup peak, capped runs only
+    oom: bool = False
+    samples: list = field(default_factory=list)
+
+
+def watch(cmd: list[str], limit_bytes: int | None, timeout: float) -> Watched:
+    """Run cmd (in a fresh memory cgroup when limit_bytes is set); sample its /proc/PID/io; note the
+    count when stdout first receives a byte, and the final count from the zombie before reaping."""
+    if limit_bytes is None:
+        return _watch(cmd, None, timeout)
+    with memory_cgroup(limit_bytes) as (enter, group):
+        w = _watch(cmd, enter, timeout)
+        w.peak_bytes = cgroup_peak(group)
+        w.oom = oom_killed(group) or w.returncode in (-9, 137)
+        return w
+
+
+def _watch(cmd, preexec, timeout) -> Watched:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec)
+    out, err = bytearray(), bytearray()
+    first = {}
+    samples = []
+
+    def pump(stream, sink, note_first):
+        while chunk := stream.read1(65536):
+            if note_first and not first:
+                first["bytes"] = read_bytes_of(proc.pid)
+                first["t"] = time.perf_counter() - start
+            sink.extend(chunk)
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out, True), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err, False), daemon=True)]
+    for t in threads:
+        t.start()
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            value = read_bytes_of(proc.pid)
+            if value is not None:
+                samples.append((time.perf_counter() - start, value))
+            done.wait(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    deadline = start + timeout
+    final = None
+    while True:  # wait for exit without reaping, so /proc/PID/io of the zombie can still be read
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        if info is not None:
+            final = read_bytes_of(proc.pid)
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+            break
+        time.sleep(0.05)
+    done.set()
+    code = proc.wait()
+    seconds = time.perf_counter() - start
+    for t in threads:
+        t.join(timeout=5)
+    sampler.join(timeout=5)
+    if final is None and samples:
+        final = samples[-1][1]
+    return Watched(code, out.decode(errors="replace"), err.decode(errors="replace"), seconds, final,
+                   first.get("bytes"), samples=samples)
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+
+@dataclass
+class Result:
+    engine: str
+    cap_bytes: int | None
+    ok: bool
+    tokens_per_s: float | None = None
+    bytes_per_token: float | None = None
+    tokens: int | None = None
+    note: str = ""
+
+
+def parse_llama_timings(stderr: str) -> dict:
+    """tokens/s and runs of llama.cpp's decode ("eval time") line."""
+    found = {}
+    for line in stderr.splitlines():
+        m = re.search(r"(prompt eval|eval) time\s*=\s*([\d.]+) ms\s*/\s*(\d+) (?:runs|tokens).*?([\d.]+) tokens per second",
+                      line)
+        if m:
+            key = "prefill" if m.group(1) == "prompt eval" else "decode"
+            found[key] = {"ms": float(m.group(2)), "runs": int(m.group(3)), "tokens_per_s": float(m.group(4))}
+        m = re.search(r"load time\s*=\s*([\d.]+) ms", line)
+        if m:
+            found["load_ms"] = float(m.group(1))
+    return found
+
+
+def llama_cmd(binary: Path, model: Path, prompt: str, tokens: int, threads: int) -> list[str]:
+    # A small context and batch: llama.cpp would otherwise size its KV cache for 32k tokens (~0.9 GB)
+    # and its compute buffer for 512-token batches, memory that would crowd out its page cache under the cap.
+    cmd = [str(binary), "-m", str(model), "-p", prompt, "-n", str(tokens), "-t", str(threads), "-tb", str(threads),
+           "-c", "512", "-b", "64", "-ub", "64", "--temp", "0", "--seed", "0", "--ignore-eos",
+           "--no-display-prompt"]
+    if binary.name == "llama-completion" or _has_option(binary, "-no-cnv"):
+        cmd.append("-no-cnv")
+    return cmd
+
+
+def _has_option(binary: Path, option: str) -> bool:
+    result = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
+    return option in result.stdout + result.stderr
+
+
+def warm_file(path: Path) -> None:
+    """Read a file once so that it sits in the page cache (the unconstrained, in-RAM run)."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 24):
+            pass
+
+
+def run_llama(binary: Path, model: Path, args, cap: int | None) -> Result:
+    cmd = llama_cmd(binary, model, args.prompt, args.tokens, args.threads)
+    if cap is None:
+        warm_file(model)
+    else:
+        drop_file_cache(model)
+    w = watch(cmd, cap, args.timeout)
+    name = "llama.cpp F16 (mmap)"
+    if w.returncode != 0:
+        why = "OOM-killed" if w.oom else f"exit {w.returncode}"
+        return Result(name, cap, False, note=f"{why}: {w.stderr.strip()[-300:]}")
+    t = parse_llama_timings(w.stderr)
+    decode = t.get("decode")
+    if not decode:
+        return Result(name, cap, False, note="no eval timing line in llama.cpp's output")
+    per_token = None
+    note = f"load {t.get('load_ms', 0) / 1e3:.1f} s, {decode['runs']} eval runs; read {(w.read_bytes or 0) / 1e6:.0f} MB in all"
+    if w.read_bytes is not None and w.read_bytes_at_first_output is not None and decode["runs"]:
+        per_token = (w.read_bytes - w.read_bytes_at_first_output) / decode["runs"]
+    if w.peak_bytes:
+        note += f"; cgroup peak {w.peak_bytes / 1e6:.0f} MB"
+    if args.verbose:
+        say(f"--- {name}, cap {cap}: stdout\n{w.stdout.strip()}\n--- stderr tail\n{w.stderr.strip()[-1500:]}")
+    return Result(name, cap, True, decode["tokens_per_s"], per_token, decode["runs"] + 1, note)
+
+
+# ---------------------------------------------------------------- flashllm
+
+
+def default_bundle() -> Path:
+    return home() / "bundles" / MODEL
+
+
+def run_flashllm(bundle: Path, budget: int, args) -> tuple[Result, Result | None]:
+    cmd = [sys.executable, "-m", "flashllm", "generate", str(bundle), args.prompt, "--dram-budget", str(budget),
+           "-n", str(args.tokens), "--stats", "json"]
+    name = "flashllm"
+    free = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if free.returncode != 0:
+        return Result(name, None, False, note=free.stderr.strip()[-300:]), None
+    s = json.loads(free.stderr.strip().splitlines()[-1])
+    free_result = Result(name, None, True, s["tokens_per_s"], s["bytes_read_per_token"], s["tokens"],
+                         f"mode {s['mode']}, budget only (no cgroup); overhead {s['overhead_bytes'] / 1e6:.0f} MB")
+    limit = s["budget_bytes"] + s["overhead_bytes"]
+    for path in bundle.rglob("*"):
+        if path.is_file():
+            drop_file_cache(path)
+    w = watch(cmd, limit, args.timeout)
+    if w.returncode != 0:
+        why = "OOM-killed" if w.oom else f"exit {w.returncode}"
+        return free_result, Result(name, limit, False, note=f"{why}: {w.stderr.strip()[-300:]}")
+    c = json.loads(w.stderr.strip().splitlines()[-1])
+    note = (f"mode {c['mode']}, policy {c['policy']}, cache {100 * c['cache_share']:.0f}% of FFN, "
+            f"budget {c['budget_bytes'] / 1e6:.0f} MB + overhead {c['overhead_bytes'] / 1e6:.0f} MB, "
+            f"peak RSS {c['peak_rss_bytes'] / 1e6:.0f} MB, cgroup peak {(w.peak_bytes or 0) / 1e6:.0f} MB, "
+            f"kernel read {(c['kernel_bytes_read'] or 0) / max(c['tokens'], 1) / 1e6:.0f} MB/token")
+    if args.verbose:
+        say(f"--- flashllm capped: stdout\n{w.stdout.strip()}")
+    return free_result, Result(name, limit, True, c["tokens_per_s"], c["bytes_read_per_token"], c["tokens"], note)
+
+
+# ---------------------------------------------------------------- main
+
+
+def fmt_cap(cap: int | None) -> str:
+    return "none" if cap is None else f"{cap / MiB:.0f} MiB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prompt", default="def quicksort(arr):")
+    parser.add_argument("--budget-percent", type=float, default=50.0, help="of the F16 file (default 50)")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help=f"flashllm bundle of Qwen (default: {default_bundle()}, made on first use)")
+    parser.add_argument("--skip-build", action="store_true", help="use the cached llama.cpp build; never build")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print the generated texts")
+    args = parser.parse_args()
+
+    reason = cgroup_unavailable_reason()
+    if reason:
+        say(f"cannot cap memory here: {reason}")
+        return 2
+    binary, quantize, build_seconds = build_llamacpp(args.skip_build)
+    say(f"llama.cpp: {binary}" + (f" (built in {build_seconds:.0f} s)" if build_seconds else " (cached build)"))
+    f16 = make_f16(quantize)
+    size = f16.stat().st_size
+    budget = int(size * args.budget_percent / 100)
+    llama_cap = budget + 300 * MiB
+    bundle = args.bundle or default_bundle()
+    if args.bundle is None and not (bundle / "manifest.json").exists():
+        say(f"making the flashllm bundle {bundle} (once)")
+        subprocess.run([sys.executable, "-m", "flashllm", "convert", MODEL, str(bundle)], check=True)
+    predictors = (bundle / "predictors.json").exists()
+    say(f"F16 GGUF {f16} = {size / 1e6:.0f} MB; budget {args.budget_percent:g}% = {budget / 1e6:.0f} MB; "
+        f"llama.cpp cap = budget + 300 MiB = {llama_cap / 1e6:.0f} MB")
+    say(f"bundle {bundle}: predictors {'present' if predictors else 'ABSENT (flashllm reads dense from flash)'}")
+    say(f"prompt {args.prompt!r}, {args.tokens} tokens, {args.threads} threads, greedy; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work skews tokens/s)\n")
+
+    results = []
+    say("a) llama.cpp F16, no cap ...")
+    free_llama = run_llama(binary, f16, args, None)
+    results.append(free_llama)
+    say(f"b) llama.cpp F16, cap {fmt_cap(llama_cap)} ...")
+    capped_llama = run_llama(binary, f16, args, llama_cap)
+    results.append(capped_llama)
+    say(f"c) flashllm, --dram-budget {budget} B, free run then capped at budget + overhead ...")
+    free_flash, capped_flash = run_flashllm(bundle, budget, args)
+    results += [free_flash] + ([capped_flash] if capped_flash else [])
+
+    say("")
+    say(f"{'engine':22} {'cgroup cap':>11} {'tokens/s':>9} {'MB read/token':>14}  notes")
+    for r in results:
+        tps = f"{r.tokens_per_s:.2f}" if r.tokens_per_s is not None else "-"
+        mb = f"{r.bytes_per_token / 1e6:.1f}" if r.bytes_per_token is not None else "-"
+        say(f"{r.engine:22} {fmt_cap(r.cap_bytes):>11} {tps:>9} {mb:>14}  {'' if r.ok else 'FAILED: '}{r.note}")
+    if capped_llama.ok and capped_flash and capped_flash.ok and capped_llama.tokens_per_s:
+        ratio = capped_flash.tokens_per_s / capped_llama.tokens_per_s
+        line = f"\nflashllm / llama.cpp under the cap: {ratio:.2f}x tokens/s"
+        if capped_llama.bytes_per_token and capped_flash.bytes_per_token:
+            line += f", {capped_llama.bytes_per_token / capped_flash.bytes_per_token:.1f}x fewer bytes read per token"
+        say(line)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
