@@ -124,3 +124,37 @@ class NeuronCache:
         assert (self.slot_of[used] == np.arange(self.num_used)).all()
         assert (self.slot_of >= 0).sum() == self.num_used
         assert (self.pointer[self.num_used:] == -1).all()
+
+
+def replay(trace: list[np.ndarray], capacity: int, n_neurons: int, policy: str, window: int = 4) -> int:
+    """Neurons read (misses) when a sequence of needed sets goes through a NeuronCache of this policy."""
+    cache = NeuronCache(n_neurons, capacity, 1, policy=policy, window=window)
+    misses = 0
+    for needed in trace:
+        _, missing = cache.lookup(needed)
+        misses += len(missing)
+        cache.commit(cache.admit(missing))
+    return misses
+
+
+def belady(trace: list[np.ndarray], capacity: int, n_neurons: int) -> int:
+    """Misses of the offline optimum: after each step keep the `capacity` neurons needed soonest
+    (Belady's rule, with neurons that do not fit streamed past the cache as the engine does)."""
+    never = len(trace) + 1
+    next_use = np.full(n_neurons, never, dtype=np.int64)
+    upcoming = []  # next_use after step t, built backwards
+    for t in range(len(trace) - 1, -1, -1):
+        upcoming.append(next_use.copy())
+        next_use[trace[t]] = t
+    upcoming.reverse()
+    cached = np.zeros(n_neurons, dtype=bool)
+    misses = 0
+    for t, needed in enumerate(trace):
+        misses += int((~cached[needed]).sum())
+        candidates = np.flatnonzero(cached | np.isin(np.arange(n_neurons), needed))
+        if len(candidates) > capacity:
+            soon = upcoming[t][candidates]
+            candidates = candidates[np.argpartition(soon, capacity - 1)[:capacity]] if capacity else candidates[:0]
+        cached[:] = False
+        cached[candidates] = True
+    return misses

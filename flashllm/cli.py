@@ -326,12 +326,13 @@ def train_predictor(
     corpus: Optional[str] = typer.Option(None, help="Text file or folder (default: built-in stdlib docs, held-out split kept apart)."),
     tokens: int = typer.Option(24_576, min=64, help="Training tokens."),
     eval_tokens: int = typer.Option(8_192, min=0, help="Held-out tokens for the quality report (0: skip)."),
-    rank: Optional[int] = typer.Option(None, min=1, help="Predictor rank (default 128, capped below d)."),
+    rank: Optional[int] = typer.Option(None, min=1, help="Predictor rank (default d/8, within 32..128, below d)."),
     last_rank: Optional[int] = typer.Option(None, min=1, help="Rank of the last 4 layers (default 2x rank)."),
     sparsity: Optional[float] = typer.Option(None, help="Target sparsity S of gated FFNs (default 0.5)."),
     recall: float = typer.Option(0.99, help="Target recall of the per-layer decision thresholds."),
-    epochs: int = typer.Option(8, min=1, help="Training epochs per layer."),
+    epochs: int = typer.Option(4, min=1, help="Training epochs per layer."),
     context: int = typer.Option(512, min=8, help="Tokens per training sequence."),
+    seed: int = typer.Option(0, help="Seed for initialization and batch order."),
 ):
     """Calibrate activation thresholds and train the per-layer low-rank activation predictors."""
     with user_errors():
@@ -340,7 +341,7 @@ def train_predictor(
         with _progress("training") as bar:
             result = train_predictors(bundle, corpus, tokens=tokens, rank=rank, last_rank=last_rank,
                                       sparsity=sparsity, recall=recall, context=context, eval_tokens=eval_tokens,
-                                      epochs=epochs, progress=bar)
+                                      epochs=epochs, seed=seed, progress=bar)
         console.print(_predictor_table(result.report))
         console.print(f"predictors written into {result.folder} in {result.seconds:.0f} s", highlight=False)
 
@@ -351,14 +352,14 @@ def _predictor_table(report: dict):
     o = report["overall"]
     table = Table(title=f"predictors: {o['predictor_bytes'] / 1e6:.1f} MB ({o['predictor_percent_of_model']:.1f}% of the "
                   f"model), trained in {o['train_seconds']:.0f} s", title_justify="left")
-    for column in ("layer", "rank", "true active", "predicted", "recall", "precision", "train s"):
+    for column in ("layer", "rank", "true active", "predicted", "recall", "precision", "pinned", "train s"):
         table.add_column(column, justify="right")
     for r in report["layers"]:
         table.add_row(str(r["layer"]), str(r["rank"]), f"{100 * r['true_active']:.1f}%",
                       f"{100 * r['predicted_active']:.1f}%", f"{r['recall']:.3f}", f"{r['precision']:.3f}",
-                      f"{r['train_seconds']:.1f}")
+                      str(r.get("pinned", 0)), f"{r['train_seconds']:.1f}")
     table.add_row("all", "", f"{100 * o['true_active']:.1f}%", f"{100 * o['predicted_active']:.1f}%",
-                  f"{o['recall']:.3f}", f"{o['precision']:.3f}", f"{o['train_seconds']:.0f}", style="bold")
+                  f"{o['recall']:.3f}", f"{o['precision']:.3f}", "", f"{o['train_seconds']:.0f}", style="bold")
     quality = report.get("quality")
     if quality:
         dense = quality["dense"]["perplexity"]
@@ -373,7 +374,8 @@ def perplexity(
     model: str = typer.Argument(..., help="A bundle folder, GGUF file, Hugging Face folder or known model name."),
     text: str = typer.Argument(..., help="A text file, or builtin:heldout / builtin:train."),
     mode: str = typer.Option("dense", help="dense, oracle (true active sets) or predictor."),
-    sparsity: Optional[float] = typer.Option(None, help="Target sparsity for oracle mode on gated FFNs."),
+    sparsity: Optional[float] = typer.Option(None, help="Target sparsity of gated FFNs (oracle mode; predictor mode must match training)."),
+    recall: Optional[float] = typer.Option(None, help="Predictor mode: use the decision cuts tuned for this recall (0.8 0.9 0.95 0.98 0.99 0.995)."),
     dram_budget: Optional[str] = typer.Option(None, "--dram-budget", "-b", help="Run the mode through the budgeted engine."),
     context: int = typer.Option(512, min=4, help="Tokens per chunk (the second half of each is scored)."),
     max_tokens: Optional[int] = typer.Option(None, min=4, help="Use at most this many tokens of the text."),
@@ -388,17 +390,25 @@ def perplexity(
         path = _bundle_for(model) if dram_budget else _resolve(model)
         with _progress("scoring") as bar:
             result = run(path, text, mode=mode, sparsity=sparsity, dram_budget=dram_budget, context=context,
-                         max_tokens=max_tokens, progress=bar)
+                         max_tokens=max_tokens, recall=recall, progress=bar)
         if as_json:
             typer.echo(json.dumps({k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in result.items()}))
             return
         dense = result["dense"]
         for name in dict.fromkeys(["dense", mode]):
             r = result[name]
-            extra = f", +{100 * (r.perplexity / dense.perplexity - 1):.2f}% vs dense, top-1 {r.top1_agreement:.3f}" \
+            extra = f", {100 * (r.perplexity / dense.perplexity - 1):+.2f}% vs dense, top-1 {r.top1_agreement:.3f}" \
                 if name != "dense" else ""
+            c = r.counts
+            if "predicted_active" in c:
+                extra += (f"; read {100 * c['predicted_active']:.1f}% of neurons, kept {100 * c['used']:.1f}% "
+                          f"(true active {100 * c['true_active']:.1f}%, recall {c['recall']:.3f})")
+            elif "true_active" in c:
+                extra += f"; kept {100 * c['true_active']:.1f}% of neurons"
             typer.echo(f"{name}: perplexity {r.perplexity:.4f} over {r.tokens} tokens ({r.chunks} chunks of "
                        f"{r.context}){extra}")
+            for note in r.notes:
+                console.print(f"[dim]{note}[/]", highlight=False)
 
 
 def _describe(s: dict) -> str:

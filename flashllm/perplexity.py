@@ -180,7 +180,7 @@ def resolve_thresholds(model, tokenizer, mode: str, sparsity: float | None, pred
 
 def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity: float | None = None,
                dram_budget: str | None = None, context: int = 512, max_tokens: int | None = None,
-               dtype: str = "float32", progress: Progress | None = None) -> dict:
+               recall: float | None = None, dtype: str = "float32", progress: Progress | None = None) -> dict:
     """`flashllm perplexity`: {"model", "text", "tokens_in_text", "dense": PerplexityResult, mode: ...}."""
     from flashllm.engine import load_dense, parse_dtype
     from flashllm.layout import is_bundle
@@ -193,22 +193,32 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
     if loaded.tokenizer is None:
         raise FlashLLMError(f"{model_path}: has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")
     predictors = load_predictors(model_path) if is_bundle(model_path) else None
+    if recall is not None:
+        if mode != "predictor":
+            raise FlashLLMError("--recall needs --mode predictor")
+        if predictors is not None:
+            predictors = predictors.with_recall(recall)
     ids, text_name = load_text_ids(text, loaded.tokenizer, max_tokens)
     thresholds, sparsity, notes = resolve_thresholds(loaded.model, loaded.tokenizer, mode, sparsity, predictors,
                                                      context, progress)
-    engines = None
-    if dram_budget is not None:
-        engines = {mode: _budgeted_engine(model_path, mode, dram_budget, thresholds, context)}
+    engines, run = None, mode
+    if dram_budget is not None:  # measured through the engine, against the dense model in DRAM
+        run = "budgeted"
+        engines = {run: _budgeted_engine(model_path, mode, dram_budget, thresholds, predictors, context)}
         notes.append(f"{mode} mode through the budgeted engine (DRAM budget {dram_budget})")
     tok = loaded.tokenizer
-    results = evaluate(loaded.model, ids, context, [mode], thresholds, predictors,
+    results = evaluate(loaded.model, ids, context, [run], thresholds, predictors,
                        bos=tok.bos_token_id if tok.add_bos else None, engines=engines, progress=progress)
+    results[mode] = results.pop(run)
+    results[mode].mode = mode
     results[mode].sparsity = sparsity
+    if mode == "predictor" and predictors is not None:
+        notes.append(f"decision cuts for recall {predictors.settings.get('target_recall')}")
     results[mode].notes = notes
     return {"model": str(model_path), "text": text_name, "tokens_in_text": len(ids), **results}
 
 
-def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[float], context: int):
+def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[float], predictors, context: int):
     """(model, ffn) of the budgeted engine for this mode, so that its output is measured, not assumed."""
     from flashllm.layout import is_bundle
 
@@ -225,4 +235,6 @@ def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[floa
     flash = FlashModel(folder, parse_budget(budget, total), FlashSettings(mode=mode), max_tokens=context,
                        prefill_tokens=context)
     flash.thresholds = thresholds
+    if predictors is not None and mode == "predictor":
+        flash.predictors = predictors  # the decision cuts chosen with --recall
     return flash.model, flash.ffn

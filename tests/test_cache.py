@@ -80,3 +80,17 @@ def test_static_never_evicts():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="policy"):
         NeuronCache(N, 4, RECORD, policy="fifo")
+
+
+def test_belady_is_a_lower_bound_of_every_policy():
+    from flashllm.cache import belady, replay
+
+    rng = np.random.default_rng(0)
+    hot = rng.choice(N, 12, replace=False)
+    trace = [np.unique(np.concatenate([rng.choice(hot, 6), rng.choice(N, 8)])) for _ in range(60)]
+    for capacity in (0, 5, 16, 40):
+        best = belady(trace, capacity, N)
+        for policy in ("lru", "window", "pinned", "static"):
+            assert best <= replay(trace, capacity, N, policy)
+    assert belady(trace, N, N) == len(np.unique(np.concatenate(trace)))  # everything fits: compulsory misses
+    assert belady(trace, 0, N) == sum(len(t) for t in trace)

@@ -1,128 +1,264 @@
-"""Predictors and sparse modes: exactness at threshold 0, learnability, save/reload, perplexity, errors."""
+"""Activation sparsity and predictors: sparse == dense where it must be, a learnable synthetic layer,
+save/reload, window statistics, train-predictor end to end on a tiny bundle, and its bad input."""
 
-import math
+import json
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from flashllm import layout
 from flashllm.cli import app
 from flashllm.engine import load_dense
-from flashllm.predictor import load_predictors, sparse_ffn, train_layer, train_predictors
+from flashllm.models.common import FFNSpec
+from flashllm.predictor import (LayerPredictor, Predictors, active_mask, load_predictors, sparse_ffn,
+                                train_layer, train_predictors, window_distinct)
 from tests.test_cli_errors import assert_one_line_error
-from tests.tiny import hf_logits, tiny_llama, tiny_opt, tiny_tokenizer
+from tests.tiny import tiny_llama, tiny_opt, tiny_tokenizer
 
-IDS = [5, 17, 3, 88, 41, 2, 60, 60, 9, 33, 71, 12]
 runner = CliRunner()
+IDS = [5, 17, 3, 88, 41, 2, 60, 60, 9, 33, 71, 12, 0, 95, 7, 7, 1, 64]
 
 
-def logits(model, ffn=None):
-    return model.forward(torch.tensor(IDS), 0, model.new_cache(len(IDS)), ffn)
+def tiny_bundle(tmp_path, kind="llama"):
+    """A tiny model with a small BPE tokenizer, converted to a float32 bundle."""
+    from flashllm.layout import convert
 
-
-def test_relu_oracle_equals_dense(tmp_path):
-    model = load_dense(tiny_opt(tmp_path / "opt")).model
-    assert torch.equal(logits(model, sparse_ffn(model, [0.0] * 2)), logits(model))
-
-
-def test_gated_threshold_zero_equals_dense(tmp_path):
-    model = load_dense(tiny_llama(tmp_path / "llama")).model
-    assert torch.equal(logits(model, sparse_ffn(model, [0.0] * 2)), logits(model))
-    # and a positive threshold really changes the output (the test above could not pass by accident)
-    assert not torch.equal(logits(model, sparse_ffn(model, [0.05] * 2)), logits(model))
-
-
-def test_predictor_learns_a_low_rank_active_set():
-    g = torch.Generator().manual_seed(0)
-    d, n_ff, r = 48, 256, 6
-    A, B = torch.randn(r, d, generator=g), torch.randn(n_ff, r, generator=g)
-    x = torch.randn(6000, d, generator=g)
-    y = (x @ A.T @ B.T) > 0.5  # [N, n_ff]: active sets decided by a rank-6 function of x
-    fit = train_layer(x[:4000], y[:4000], x[4000:5000], y[4000:5000], rank=16, recall=0.97, epochs=6)
-    pred = fit.predictor.logits(x[5000:]) >= fit.decision_threshold
-    truth = y[5000:]
-    recall = float((pred & truth).sum() / truth.sum())
-    precision = float((pred & truth).sum() / pred.sum())
-    assert recall > 0.95 and precision > 0.7
+    hf = tmp_path / f"hf-{kind}"
+    if kind == "opt":
+        tiny_opt(hf, vocab_size=300)
+    else:
+        tiny_llama(hf, vocab_size=300)
+    tiny_tokenizer(hf, 300)
+    out = tmp_path / f"bundle-{kind}"
+    convert(hf, out, dtype="float32")
+    return out
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pred")
-    source = tiny_llama(root / "src", vocab_size=300, intermediate_size=256)
-    tiny_tokenizer(source, 300)
-    out = root / "bundle"
-    layout.convert(source, out, dtype="float32")
-    result = train_predictors(out, tokens=1024, eval_tokens=256, epochs=2, context=128)
-    return source, out, result
+    """A tiny gated bundle with predictors trained on the built-in corpus (a few seconds)."""
+    bundle = tiny_bundle(tmp_path_factory.mktemp("trained"))
+    result = train_predictors(bundle, tokens=3000, eval_tokens=600, context=64, epochs=2, sparsity=0.5)
+    return bundle, result
 
 
-def test_saved_predictors_reload_to_identical_outputs(trained):
-    _, bundle, result = trained
-    reloaded = load_predictors(bundle)
-    x = torch.randn(5, 64)
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_oracle_at_exact_threshold_equals_dense(tmp_path, kind):
+    """ReLU: keeping a > 0 is the dense FFN; gated with t = 0: |a| > 0 drops only exact zeros."""
+    folder = tiny_opt(tmp_path / kind) if kind == "opt" else tiny_llama(tmp_path / kind)
+    model = load_dense(folder).model
+    ids = torch.tensor(IDS)
+    dense = model.forward(ids, 0, model.new_cache(len(IDS)))
+    L = model.config.num_hidden_layers
+    sparse = model.forward(ids, 0, model.new_cache(len(IDS)), sparse_ffn(model, [0.0] * L))
+    assert torch.equal(dense, sparse)
+
+
+def test_relu_oracle_is_really_sparse(tmp_path):
+    from flashllm.predictor import SparseCounts
+
+    model = load_dense(tiny_opt(tmp_path / "opt")).model
+    counts = SparseCounts()
+    model.forward(torch.tensor(IDS), 0, model.new_cache(len(IDS)), sparse_ffn(model, [0.0, 0.0], None, counts))
+    assert 0.2 < counts.to_json()["true_active"] < 0.8
+
+
+def test_active_mask():
+    gated = FFNSpec(gated=True, activation="silu", d=4, n_ff=3, has_up_bias=False)
+    relu = FFNSpec(gated=False, activation="relu", d=4, n_ff=3, has_up_bias=True)
+    a = torch.tensor([[0.0, -0.5, 0.2]])
+    assert active_mask(gated, a, 0.3).tolist() == [[False, True, False]]
+    assert active_mask(gated, a, 0.0).tolist() == [[False, True, True]]
+    assert active_mask(relu, torch.tensor([[0.0, 0.0, 0.2]]), 0.0).tolist() == [[False, False, True]]
+
+
+def test_predictor_learns_a_low_rank_active_set():
+    """Active set = sign of a rank-8 function of x: a rank-8 predictor must find it."""
+    g = torch.Generator().manual_seed(1)
+    d, n_ff, r, N = 64, 192, 8, 6000
+    W = torch.randn(n_ff, r, generator=g) @ torch.randn(r, d, generator=g) / d ** 0.5  # [n_ff, d] rank r
+    bias = torch.randn(n_ff, generator=g) * 0.5
+    x = torch.randn(N, d, generator=g)
+    y = x @ W.T + bias > 0  # [N, n_ff]
+    train, val, test = slice(0, 4000), slice(4000, 5000), slice(5000, N)
+    fit = train_layer(x[train], y[train], x[val], y[val], rank=r, recall=0.99, epochs=8)
+    pred = fit.predictor.logits(x[test]) >= fit.decision_threshold
+    recall = float((pred & y[test]).sum() / y[test].sum())
+    precision = float((pred & y[test]).sum() / pred.sum())
+    assert recall > 0.95 and precision > 0.8, (recall, precision)
+
+
+def test_constant_layers_get_exact_predictors():
+    x = torch.randn(100, 16)
+    fit = train_layer(x, torch.ones(100, 32, dtype=torch.bool), x[:10], torch.ones(10, 32, dtype=torch.bool), 4)
+    assert bool((fit.predictor.logits(x) >= fit.decision_threshold).all())
+
+
+def test_pinning_catches_rare_huge_coefficients():
+    """A neuron active with a huge coefficient on 1 token in 500 is pinned (always predicted)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 32, generator=g)
+    y = x[:, :16] @ torch.randn(16, 48, generator=g) > 0.5  # [N, 48]
+    magnitude = y.float() * 2
+    rare = torch.arange(0, 2000, 500)
+    y[:, 7] = False
+    y[rare, 7] = True
+    magnitude[rare, 7] = 1000.0
+    fit = train_layer(x[:1800], y[:1800], x[1800:], y[1800:], rank=8, recall=0.95, epochs=3,
+                      magnitude=magnitude[:1800])
+    assert 7 in fit.pinned
+    assert bool((fit.predictor.logits(x) >= fit.decision_threshold)[:, 7].all())
+
+
+def test_window_distinct_counts_unions():
+    mask = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    k1, k2, k3 = window_distinct(mask, [1, 2, 3])
+    assert k1 == pytest.approx(5 / 4)
+    assert k2 == pytest.approx((2 + 3 + 2) / 3)  # windows {0,1}, {1,2}, {2,3}
+    assert k3 == pytest.approx((3 + 3) / 2)
+
+
+def test_train_predictor_writes_a_reloadable_bundle_entry(trained):
+    bundle, result = trained
+    settings = json.loads((bundle / "predictors.json").read_text())
+    L, n_ff = 2, 160
+    assert settings["sparsity"] == 0.5 and len(settings["activation_thresholds"]) == L
+    assert len(settings["decision_thresholds"]) == L and settings["ranks"] == result.predictors.ranks
+    assert settings["window_stats"]["K"] == list(range(1, 9))
+    distinct = settings["window_stats"]["distinct"]
+    assert len(distinct) == L and all(len(row) == 8 and row == sorted(row) and row[-1] <= n_ff for row in distinct)
+    assert set(settings["report"]["overall"]) >= {"true_active", "predicted_active", "recall", "precision",
+                                                  "predictor_percent_of_model", "train_seconds"}
+    quality = settings["report"]["quality"]
+    assert set(quality) == {"dense", "oracle", "predictor"}
+    assert quality["dense"]["top1_agreement"] == 1.0
+    assert not list(bundle.glob("*.tmp-*"))
+
+    loaded = load_predictors(bundle)
+    assert loaded.nbytes == result.predictors.nbytes
+    assert loaded.activation_thresholds == result.predictors.activation_thresholds
+    x = torch.randn(7, 64)
+    for layer in range(L):
+        assert torch.equal(loaded.logits(layer, x), result.predictors.logits(layer, x))
+        assert torch.equal(loaded.predict(layer, x), result.predictors.predict(layer, x))
+        w = loaded.layers[layer]
+        assert w.w_in.shape == (loaded.ranks[layer], 64) and w.w_out.shape == (n_ff, loaded.ranks[layer])
+
+
+def test_recall_table_trades_reads_for_recall(trained):
+    bundle, _ = trained
+    predictors = load_predictors(bundle)
+    x = torch.randn(50, 64)
+    low, high = predictors.with_recall(0.8), predictors.with_recall(0.995)
     for layer in range(2):
-        assert torch.equal(reloaded.logits(layer, x), result.predictors.logits(layer, x))
-        assert torch.equal(reloaded.predict(layer, x), result.predictors.predict(layer, x))
-    assert reloaded.activation_thresholds == result.predictors.activation_thresholds
-    stats = reloaded.window_stats
-    assert len(stats["distinct"]) == 2 and len(stats["distinct"][0]) == 8
-    assert all(a <= b for a, b in zip(stats["distinct"][0], stats["distinct"][0][1:]))  # grows with K
+        assert int(low.predict(layer, x).sum()) <= int(high.predict(layer, x).sum())
 
 
-def test_report_has_quality_and_layers(trained):
-    report = trained[2].report
-    assert {"dense", "oracle", "predictor"} <= set(report["quality"])
-    assert len(report["layers"]) == 2 and 0 <= report["overall"]["recall"] <= 1
-
-
-def test_cli_train_predictor(trained, tmp_path):
-    source, _, _ = trained
-    out = tmp_path / "bundle"
-    layout.convert(source, out, dtype="float32")
-    result = runner.invoke(app, ["train-predictor", str(out), "--tokens", "512", "--eval-tokens", "128",
+def test_cli_train_predictor(tmp_path):
+    bundle = tiny_bundle(tmp_path)
+    result = runner.invoke(app, ["train-predictor", str(bundle), "--tokens", "512", "--eval-tokens", "128",
                                  "--epochs", "1", "--context", "64", "--rank", "8"])
     assert result.exit_code == 0, result.output
-    assert "recall" in result.stderr and load_predictors(out).ranks == [16, 16]  # last layers get 2x rank
+    assert "recall" in result.stderr and "held-out" in result.stderr
+    assert load_predictors(bundle).ranks == [16, 16]  # the last layers (here: all) get 2x the rank
 
 
-def test_perplexity_dense_equals_hand_computed_from_transformers(trained, tmp_path):
-    source, bundle, _ = trained
-    from tokenizers import Tokenizer
-
-    text = "x = 1\nif x:\n    print('assignment statements rebind names to objects')\n" * 6
-    path = tmp_path / "text.txt"
-    path.write_text(text)
-    ids = Tokenizer.from_file(str(source / "tokenizer.json")).encode(text).ids
-    context = 32
-    nll, count = 0.0, 0
-    for start in range(0, len(ids) - context + 1, context):  # llama-perplexity: score each chunk's 2nd half
-        chunk = ids[start:start + context]
-        logp = torch.log_softmax(hf_logits(source, chunk).double(), -1)
-        for pos in range(context // 2, context - 1):
-            nll -= float(logp[pos, chunk[pos + 1]])
-            count += 1
-    expected = math.exp(nll / count)
-    result = runner.invoke(app, ["perplexity", str(bundle), str(path), "--context", str(context), "--json"])
-    assert result.exit_code == 0, result.output
-    import json
-
-    got = json.loads(result.stdout)["dense"]["perplexity"]
-    assert abs(got - expected) / expected < 1e-4
+def test_bundle_without_predictors(tmp_path):
+    bundle = tiny_bundle(tmp_path)
+    assert load_predictors(bundle) is None
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: p / "missing.txt", "no such file"),
-    (lambda p: (p / "empty.txt").write_text("") and None or p / "empty.txt", "empty"),
-    (lambda p: (p / "bin.dat").write_bytes(b"\0\1\2" * 100) and None or p / "bin.dat", "binary"),
-])
-def test_bad_corpus(trained, tmp_path, make, message):
-    corpus = make(tmp_path)
-    result = runner.invoke(app, ["train-predictor", str(trained[1]), "--corpus", str(corpus)])
-    assert_one_line_error(result, message)
+def test_predictor_mode_with_full_recall_equals_oracle(tmp_path):
+    """Predicting every neuron: the predictor-sparse FFN is the oracle-sparse FFN, exactly."""
+    model = load_dense(tiny_llama(tmp_path / "m")).model
+    spec, L = model.spec, model.config.num_hidden_layers
+    always = [LayerPredictor(torch.zeros(4, spec.d), torch.zeros(spec.n_ff, 4), torch.ones(spec.n_ff))] * L
+    predictors = Predictors(always, {"sparsity": 0.5, "activation_thresholds": [0.05] * L,
+                                     "decision_thresholds": [0.0] * L})
+    ids = torch.tensor(IDS)
+    oracle = model.forward(ids, 0, model.new_cache(len(IDS)), sparse_ffn(model, [0.05] * L))
+    predicted = model.forward(ids, 0, model.new_cache(len(IDS)), sparse_ffn(model, [0.05] * L, predictors))
+    dense = model.forward(ids, 0, model.new_cache(len(IDS)))
+    assert torch.equal(oracle, predicted) and not torch.equal(oracle, dense)
 
 
-def test_not_a_bundle_and_rank_too_large(trained, tmp_path):
+# -- bad input -------------------------------------------------------------------------------------
+
+def test_missing_corpus(tmp_path, trained):
+    bundle, _ = trained
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--corpus", str(tmp_path / "no.txt")]),
+                          "no such file")
+
+
+def test_empty_corpus(tmp_path, trained):
+    bundle, _ = trained
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--corpus", str(tmp_path / "empty.txt")]),
+                          "empty")
+
+
+def test_binary_corpus(tmp_path, trained):
+    bundle, _ = trained
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--corpus", str(tmp_path / "blob.bin")]),
+                          "binary")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "blob.bin").write_bytes(bytes(range(256)))
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--corpus", str(tmp_path / "folder")]),
+                          "no text files")
+
+
+def test_not_a_bundle(tmp_path):
     assert_one_line_error(runner.invoke(app, ["train-predictor", str(tmp_path)]), "not a bundle")
-    assert_one_line_error(runner.invoke(app, ["train-predictor", str(trained[1]), "--rank", "64"]), "below the model width")
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(tmp_path / "nope")]), "no such")
+
+
+def test_rank_too_large(trained):
+    bundle, _ = trained
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--rank", "64"]), "below", "d = 64")
+
+
+def test_sparsity_on_relu_model(tmp_path):
+    bundle = tiny_bundle(tmp_path, "opt")
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--sparsity", "0.5"]), "ReLU")
+
+
+def test_tiny_corpus(tmp_path, trained):
+    bundle, _ = trained
+    (tmp_path / "short.txt").write_text("hello")
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--corpus", str(tmp_path / "short.txt")]),
+                          "training tokens")
+
+
+def test_relu_bundle_trains_on_a_user_corpus(tmp_path):
+    import pydoc_data.topics as topics
+
+    bundle = tiny_bundle(tmp_path, "opt")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, key in enumerate(sorted(topics.topics)[:12]):
+        (corpus / f"{i}.txt").write_text(topics.topics[key])
+    result = runner.invoke(app, ["train-predictor", str(bundle), "--corpus", str(corpus), "--tokens", "2000",
+                                 "--eval-tokens", "400", "--context", "64", "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    predictors = load_predictors(bundle)
+    assert predictors.activation_thresholds == [0.0, 0.0]
+    assert str(corpus) in predictors.settings["corpus"]["description"]
+
+
+@pytest.mark.realmodel
+def test_smollm2_predictors(smollm2_bundle, tmp_path):
+    """SmolLM2-135M at 50% sparsity on a little of the built-in corpus (about a minute on 2 cores)."""
+    import os
+    import shutil
+
+    bundle = tmp_path / "smollm2"
+    shutil.copytree(smollm2_bundle, bundle, copy_function=os.link)  # the shared bundle stays without predictors
+    result = train_predictors(bundle, tokens=2048, eval_tokens=1024, context=256, epochs=1, sparsity=0.5)
+    overall, quality = result.report["overall"], result.report["quality"]
+    assert abs(overall["true_active"] - 0.5) < 0.05
+    assert overall["recall"] > 0.9 and overall["predictor_percent_of_model"] < 10
+    assert quality["oracle"]["perplexity"] < 1.15 * quality["dense"]["perplexity"]
+    assert quality["predictor"]["perplexity"] >= quality["oracle"]["perplexity"] * 0.98
+    x = torch.randn(3, 576)
+    assert torch.equal(load_predictors(bundle).predict(29, x), result.predictors.predict(29, x))
