@@ -50,7 +50,7 @@ DEFAULT_RECALL = 0.99
 DEFAULT_TOKENS = 24_576
 DEFAULT_EVAL_TOKENS = 8_192
 DEFAULT_CONTEXT = 512
-DEFAULT_EPOCHS = 4
+DEFAULT_EPOCHS = 2
 LAST_LAYERS = 4  # the paper gives the last layers a larger rank
 WINDOW_K = list(range(1, 9))
 THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # sparsities 0.05 .. 0.95
@@ -147,9 +147,12 @@ class Predictors:
         try:
             save_file(tensors, str(folder / (WEIGHTS_FILE + suffix)), metadata={"format": FORMAT})
             (folder / (SETTINGS_FILE + suffix)).write_text(json.dumps(settings, indent=1))
+            umask = os.umask(0)
+            os.umask(umask)
             for name in (WEIGHTS_FILE, SETTINGS_FILE):
                 with open(folder / (name + suffix), "rb") as f:
                     os.fsync(f.fileno())
+                os.chmod(folder / (name + suffix), 0o666 & ~umask)
                 os.replace(folder / (name + suffix), folder / name)
         except OSError as e:
             for name in (WEIGHTS_FILE, SETTINGS_FILE):
@@ -430,7 +433,7 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
     from flashllm.corpus import load_corpus
     from flashllm.tokenizer import Tokenizer
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     b = _open_bundle(bundle)
     spec, config = b.spec, b.config
@@ -544,6 +547,7 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                            thresholds, predictors, bos=bos, progress=progress)
         report["quality"] = {mode: r.to_json() for mode, r in quality.items()}
     report["overall"]["total_seconds"] = time.perf_counter() - start
+    report["overall"]["cpu_seconds"] = time.process_time() - cpu_start  # robust to a busy machine
     settings["report"] = report
     predictors.save(b.folder)
     return TrainResult(b.folder, predictors, report, time.perf_counter() - start)
