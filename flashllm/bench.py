@@ -363,6 +363,7 @@ def _worker_main(config: dict) -> None:
     except FlashLLMError as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return
+    overhead = getattr(engine, "overhead_bytes", overhead)  # the engine's own, measured as generate does
     print(json.dumps({"overhead_bytes": overhead, "planned_bytes": engine.planned_bytes}), flush=True)
     for line in sys.stdin:
         prompt = json.loads(line)
@@ -418,6 +419,7 @@ class _FlashEngine(_Engine):
         super().__init__(flash.model, flash.ffn)
         self.flash = flash
         self.planned_bytes = flash.plan.planned_bytes
+        self.overhead_bytes = flash.overhead_bytes
 
     def counters(self) -> dict:
         t = self.flash.times

@@ -330,7 +330,7 @@ def train_predictor(
     last_rank: Optional[int] = typer.Option(None, min=1, help="Rank of the last 4 layers (default 2x rank)."),
     sparsity: Optional[float] = typer.Option(None, help="Target sparsity S of gated FFNs (default 0.5)."),
     recall: float = typer.Option(0.99, help="Target recall of the per-layer decision thresholds."),
-    epochs: int = typer.Option(2, min=1, help="Training epochs per layer."),
+    epochs: int = typer.Option(3, min=1, help="Training epochs per layer."),
     context: int = typer.Option(512, min=8, help="Tokens per training sequence."),
     seed: int = typer.Option(0, help="Seed for initialization and batch order."),
 ):

@@ -50,7 +50,7 @@ DEFAULT_RECALL = 0.99
 DEFAULT_TOKENS = 24_576
 DEFAULT_EVAL_TOKENS = 8_192
 DEFAULT_CONTEXT = 512
-DEFAULT_EPOCHS = 2
+DEFAULT_EPOCHS = 3
 LAST_LAYERS = 4  # the paper gives the last layers a larger rank
 WINDOW_K = list(range(1, 9))
 THRESHOLD_GRID = [round(0.05 * i, 2) for i in range(1, 20)]  # sparsities 0.05 .. 0.95
@@ -201,8 +201,8 @@ class LayerFit:
 
 
 def train_layer(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, rank: int,
-                recall: float = DEFAULT_RECALL, epochs: int = DEFAULT_EPOCHS, batch: int = 256,
-                lr: float = 1e-2, seed: int = 0, magnitude: torch.Tensor | None = None) -> LayerFit:
+                recall: float = DEFAULT_RECALL, epochs: int = DEFAULT_EPOCHS, batch: int = 1024,
+                lr: float = 2e-2, seed: int = 0, magnitude: torch.Tensor | None = None) -> LayerFit:
     """Fit Linear(d->r) -> Linear(r->n_ff) to y = active set of x, then pick the logit cut that reaches
     `recall` on (x_val, y_val). x: [N, d] float, y: [N, n_ff] bool.
 
@@ -224,7 +224,7 @@ def train_layer(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: to
     w_out = (torch.randn(n_ff, rank, generator=g) / math.sqrt(rank) * 0.1).requires_grad_()
     b_out = torch.logit(positive.clamp(1e-3, 1 - 1e-3)).requires_grad_()  # start from each neuron's base rate
     balance = (1 - rate) / rate  # positives and negatives weigh the same in the loss
-    opt = torch.optim.Adam([w_in, w_out, b_out], lr=lr)
+    opt = torch.optim.Adam([w_in, w_out, b_out], lr=lr, foreach=True)
     steps = epochs * max(1, -(-x.shape[0] // batch))
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     for _ in range(epochs):

@@ -81,7 +81,7 @@ def test_predictor_learns_a_low_rank_active_set():
     x = torch.randn(N, d, generator=g)
     y = x @ W.T + bias > 0  # [N, n_ff]
     train, val, test = slice(0, 4000), slice(4000, 5000), slice(5000, N)
-    fit = train_layer(x[train], y[train], x[val], y[val], rank=r, recall=0.99, epochs=8)
+    fit = train_layer(x[train], y[train], x[val], y[val], rank=r, recall=0.99, epochs=8, batch=128)
     pred = fit.predictor.logits(x[test]) >= fit.decision_threshold
     recall = float((pred & y[test]).sum() / y[test].sum())
     precision = float((pred & y[test]).sum() / pred.sum())
@@ -104,7 +104,7 @@ def test_pinning_catches_rare_huge_coefficients():
     y[:, 7] = False
     y[rare, 7] = True
     magnitude[rare, 7] = 1000.0
-    fit = train_layer(x[:1800], y[:1800], x[1800:], y[1800:], rank=8, recall=0.95, epochs=3,
+    fit = train_layer(x[:1800], y[:1800], x[1800:], y[1800:], rank=8, recall=0.95, epochs=3, batch=128,
                       magnitude=magnitude[:1800])
     assert 7 in fit.pinned
     assert bool((fit.predictor.logits(x) >= fit.decision_threshold)[:, 7].all())
