@@ -61,6 +61,7 @@ RECALL_GRID = [0.8, 0.9, 0.95, 0.98, 0.99, 0.995]  # decision cuts stored for ea
 MAGNITUDE_CLIP = 10.0  # a positive weighs at most this many times more in the loss
 PIN_FACTOR = 50.0  # a neuron is pinned when the predictor misses a coefficient 50x the median active one
 PIN_LOGIT = 1000.0  # the bias of a pinned neuron: above any decision cut, exact in float16
+ALWAYS_ACTIVE = 0.999  # a layer whose neurons are active this often gets an all-on predictor
 
 Progress = Callable[[int, int, str], None]
 
@@ -214,9 +215,10 @@ def train_layer(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: to
     d, n_ff = x.shape[1], y.shape[1]
     positive = y.float().mean(0)  # [n_ff] per-neuron rate
     rate = float(positive.mean())
-    if rate >= 1.0 or rate <= 0.0:  # every neuron always (never) active: a constant predictor is exact
+    if rate >= ALWAYS_ACTIVE or rate <= 0.0:  # (almost) always / never active: a constant predictor
+        # (t = 0 on a gated FFN drops only exact zeros; predicting all keeps that exactly dense)
         predictor = LayerPredictor(torch.zeros(rank, d), torch.zeros(n_ff, rank),
-                                   torch.full((n_ff,), 1.0 if rate >= 1.0 else -1.0))
+                                   torch.full((n_ff,), 1.0 if rate >= ALWAYS_ACTIVE else -1.0))
         return LayerFit(predictor, 0.0, {f"{r:g}": 0.0 for r in sorted({*RECALL_GRID, recall})}, [],
                          time.perf_counter() - start, 1.0)
     g = torch.Generator().manual_seed(seed)

@@ -262,3 +262,20 @@ def test_smollm2_predictors(smollm2_bundle, tmp_path):
     assert quality["predictor"]["perplexity"] >= quality["oracle"]["perplexity"] * 0.98
     x = torch.randn(3, 576)
     assert torch.equal(load_predictors(bundle).predict(29, x), result.predictors.predict(29, x))
+
+
+def test_sparsity_zero_predictors_keep_the_model_dense(tmp_path):
+    """t = 0 on a gated FFN: every neuron counts as active, the predictors predict all, output is dense."""
+    bundle = tiny_bundle(tmp_path)
+    result = train_predictors(bundle, tokens=1000, eval_tokens=400, context=64, epochs=1, sparsity=0.0)
+    quality = result.report["quality"]
+    assert quality["predictor"]["perplexity"] == quality["oracle"]["perplexity"] == quality["dense"]["perplexity"]
+    assert result.report["overall"]["predicted_active"] == 1.0
+
+
+def test_almost_always_active_layer_predicts_all():
+    x = torch.randn(2000, 16)
+    y = torch.ones(2000, 32, dtype=torch.bool)
+    y[5, 3] = False  # one exact zero, as t = 0 on a gated FFN can leave
+    fit = train_layer(x, y, x[:100], y[:100], 4)
+    assert bool((fit.predictor.logits(x) >= fit.decision_threshold).all())
