@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from flashllm.engine import DTYPES as DTYPE_NAMES, parse_dtype
 from flashllm.errors import FlashLLMError
 from flashllm.flash import RecordRegion
 from flashllm.models.common import FFNSpec
@@ -37,7 +38,6 @@ ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHUNKED = ("embed.weight", "lm_head.weight", "pos_embed.weight")
 CHUNK_VALUES = 8 << 20  # values per chunk of a chunked tensor (32 MB as float32)
 RECORD_PARTS = {"gate": "ffn.gate.weight", "up": "ffn.up.weight", "down": "ffn.down.weight", "up_bias": "ffn.up.bias"}
@@ -151,11 +151,9 @@ def convert(source: Path, out: Path, dtype: str = "float16", layout: str = "bund
     from flashllm.sources import open_source
 
     start = time.perf_counter()
-    if dtype not in DTYPE_NAMES:
-        raise FlashLLMError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPE_NAMES)})")
     if layout not in ("bundled", "split"):
         raise FlashLLMError(f"unknown layout {layout!r} (choose from bundled, split)")
-    torch_dtype = DTYPE_NAMES[dtype]
+    torch_dtype = parse_dtype(dtype)
     source, out = Path(source).expanduser(), Path(out).expanduser()
     _check_out(source, out, force)
     src = open_source(source)  # a bundle is a source too: converting it changes layout or dtype
