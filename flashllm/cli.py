@@ -326,7 +326,8 @@ def train_predictor(
     corpus: Optional[str] = typer.Option(None, help="Text file or folder (default: built-in stdlib docs, held-out split kept apart)."),
     tokens: int = typer.Option(24_576, min=64, help="Training tokens."),
     eval_tokens: int = typer.Option(8_192, min=0, help="Held-out tokens for the quality report (0: skip)."),
-    rank: Optional[int] = typer.Option(None, min=1, help="Predictor rank (default d/8, within 32..128, below d)."),
+    kind: Optional[str] = typer.Option(None, help="int4 (the layer's gate/up in 4 bits; default for gated FFNs) or lowrank (trained; default for ReLU)."),
+    rank: Optional[int] = typer.Option(None, min=1, help="Low-rank predictor rank (default d/8, within 32..128, below d)."),
     last_rank: Optional[int] = typer.Option(None, min=1, help="Rank of the last 4 layers (default 2x rank)."),
     sparsity: Optional[float] = typer.Option(None, help="Target sparsity S of gated FFNs (default 0.5)."),
     recall: float = typer.Option(0.99, help="Target recall of the per-layer decision thresholds."),
@@ -334,14 +335,14 @@ def train_predictor(
     context: int = typer.Option(512, min=8, help="Tokens per training sequence."),
     seed: int = typer.Option(0, help="Seed for initialization and batch order."),
 ):
-    """Calibrate activation thresholds and train the per-layer low-rank activation predictors."""
+    """Calibrate activation thresholds and build the per-layer activation predictors (4-bit gate/up or low-rank)."""
     with user_errors():
         from flashllm.predictor import train_predictors
 
         with _progress("training") as bar:
             result = train_predictors(bundle, corpus, tokens=tokens, rank=rank, last_rank=last_rank,
                                       sparsity=sparsity, recall=recall, context=context, eval_tokens=eval_tokens,
-                                      epochs=epochs, seed=seed, progress=bar)
+                                      epochs=epochs, seed=seed, progress=bar, kind=kind)
         console.print(_predictor_table(result.report))
         console.print(f"predictors written into {result.folder} in {result.seconds:.0f} s", highlight=False)
 
@@ -351,11 +352,11 @@ def _predictor_table(report: dict):
 
     o = report["overall"]
     table = Table(title=f"predictors: {o['predictor_bytes'] / 1e6:.1f} MB ({o['predictor_percent_of_model']:.1f}% of the "
-                  f"model), trained in {o['train_seconds']:.0f} s", title_justify="left")
+                  f"model), built in {o['train_seconds']:.0f} s", title_justify="left")
     for column in ("layer", "rank", "true active", "predicted", "recall", "precision", "pinned", "train s"):
         table.add_column(column, justify="right")
     for r in report["layers"]:
-        table.add_row(str(r["layer"]), str(r["rank"]), f"{100 * r['true_active']:.1f}%",
+        table.add_row(str(r["layer"]), str(r["rank"] or "int4"), f"{100 * r['true_active']:.1f}%",
                       f"{100 * r['predicted_active']:.1f}%", f"{r['recall']:.3f}", f"{r['precision']:.3f}",
                       str(r.get("pinned", 0)), f"{r['train_seconds']:.1f}")
     table.add_row("all", "", f"{100 * o['true_active']:.1f}%", f"{100 * o['predicted_active']:.1f}%",

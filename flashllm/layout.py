@@ -341,7 +341,7 @@ class Bundle:
         return [(RecordRegion(path, r["offset"], r["stride"], r["count"], f"layer {layer}"), r["parts"])
                 for r in self.layers[layer]["regions"]]
 
-    def resident_tensors(self):
+    def resident_tensors(self, skip: tuple[str, ...] = ()):
         """(name, tensor) read with pread, so no memory map's pages linger in our resident set."""
         from flashllm.sources.hf import read_header, tensor_loader
 
@@ -351,8 +351,25 @@ class Bundle:
         except (OSError, ValueError) as e:
             raise FlashLLMError(f"{path}: unreadable resident weights ({e}); run `flashllm verify`") from None
         for name, entry in header.items():
-            if name != "__metadata__":
+            if name != "__metadata__" and name not in skip:
                 yield name, tensor_loader(path, data_start, name, entry)(None)
+
+    def embedding_rows(self) -> tuple[RecordRegion, torch.dtype] | None:
+        """The input embedding table as records of one row each, for reading only the rows of the
+        tokens at hand; None where the table is also the LM head (tied), which needs all of it."""
+        from flashllm.sources.hf import SAFETENSORS_DTYPES, read_header
+
+        if getattr(self.config, "tie_word_embeddings", True):
+            return None
+        path = self.folder / RESIDENT
+        header, data_start = read_header(path)
+        entry = header.get("embed.weight")
+        if entry is None or len(entry["shape"]) != 2:
+            return None
+        begin, end = entry["data_offsets"]
+        rows = entry["shape"][0]
+        return RecordRegion(path, data_start + begin, (end - begin) // rows, rows, "embeddings"), \
+            SAFETENSORS_DTYPES[entry["dtype"]]
 
     @property
     def resident_bytes(self) -> int:

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.errors import FlashLLMError
-from flashllm.models.common import FFNSpec, active_mask, neuron_coefficients
+from flashllm.models.common import FFNSpec, activate, active_mask, neuron_coefficients
+from flashllm.quant import Int4Matrix, kernel_available, quantize
 
 __all__ = ["active_mask", "Predictors", "LayerPredictor", "load_predictors", "train_predictors", "train_layer",
            "sparse_ffn", "calibrate_thresholds", "window_distinct", "DEFAULT_SPARSITY"]
@@ -46,6 +47,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "predictors.safetensors"
 SETTINGS_FILE = "predictors.json"
 DEFAULT_SPARSITY = 0.5
+KINDS = ("int4", "lowrank")  # int4: the layer's gate/up in 4 bits (default, gated); lowrank: trained (ReLU)
 DEFAULT_RECALL = 0.99
 DEFAULT_TOKENS = 24_576
 DEFAULT_EVAL_TOKENS = 8_192
@@ -62,6 +64,7 @@ MAGNITUDE_CLIP = 10.0  # a positive weighs at most this many times more in the l
 PIN_FACTOR = 50.0  # a neuron is pinned when the predictor misses a coefficient 50x the median active one
 PIN_LOGIT = 1000.0  # the bias of a pinned neuron: above any decision cut, exact in float16
 ALWAYS_ACTIVE = 0.999  # a layer whose neurons are active this often gets an all-on predictor
+ALL_LOGIT = -1e30  # a decision cut below any logit: every neuron predicted
 
 Progress = Callable[[int, int, str], None]
 
@@ -86,8 +89,54 @@ class LayerPredictor:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w_in, self.w_out, self.b_out))
 
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.numel() for t in (self.w_in, self.w_out, self.b_out)) * 2  # float16 on disk
+
     def to(self, dtype: torch.dtype) -> "LayerPredictor":
         return LayerPredictor(*(t.to(dtype).contiguous() for t in (self.w_in, self.w_out, self.b_out)))
+
+
+@dataclass
+class Int4Predictor:
+    """The layer's own gate and up rows in 4 bits (flashllm.quant): the estimate of every neuron's
+    coefficient, act(g~.x) * (u~.x) gated or u~.x + b ReLU, is the logit. Costs 4.25 bits per gate/up
+    weight in DRAM but tracks the true active set closely, which no low-rank score of a gated FFN does."""
+
+    matrix: Int4Matrix  # [gate; up] rows (gated) or up rows (ReLU)
+    n_ff: int
+    activation: str  # "" for a ReLU FFN: the logit is the pre-activation
+    bias: torch.Tensor | None = None  # ReLU up bias [n_ff]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matrix.matmul(x)  # [T, rows] float32
+        if self.activation:
+            return (activate(y[:, :self.n_ff], self.activation) * y[:, self.n_ff:2 * self.n_ff]).abs_()
+        return y + self.bias.float() if self.bias is not None else y
+
+    rank = property(lambda self: 0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.nbytes + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+    @property
+    def stored_bytes(self) -> int:
+        m = self.matrix
+        return m.codes.numel() + m.scales_zeros.numel() * 2 + (self.bias.numel() * 4 if self.bias is not None else 0)
+
+    def to(self, dtype: torch.dtype) -> "Int4Predictor":
+        return self  # computes in bfloat16 whatever the model's dtype
+
+    @staticmethod
+    def from_ffn(spec: FFNSpec, ffn: dict[str, torch.Tensor]) -> "Int4Predictor":
+        """ffn: {'ffn.gate.weight', 'ffn.up.weight', ['ffn.up.bias']} of one layer."""
+        if spec.gated:
+            w = torch.cat([ffn["ffn.gate.weight"], ffn["ffn.up.weight"]])
+            return Int4Predictor(quantize(w), spec.n_ff, spec.activation)
+        bias = ffn.get("ffn.up.bias")
+        return Int4Predictor(quantize(ffn["ffn.up.weight"]), spec.n_ff, "",
+                             bias.float() if bias is not None else None)
 
 
 class Predictors:
@@ -100,6 +149,7 @@ class Predictors:
         self.decision_thresholds: list[float] = [float(t) for t in settings["decision_thresholds"]]
 
     sparsity = property(lambda self: float(self.settings["sparsity"]))
+    kind = property(lambda self: self.settings.get("kind", "lowrank"))
     activation_thresholds = property(lambda self: [float(t) for t in self.settings["activation_thresholds"]])
     window_stats = property(lambda self: self.settings.get("window_stats"))
     ranks = property(lambda self: [p.rank for p in self.layers])
@@ -139,10 +189,16 @@ class Predictors:
         folder = Path(folder)
         tensors = {}
         for i, p in enumerate(self.layers):
+            if isinstance(p, Int4Predictor):
+                tensors[f"layers.{i}.predictor.codes"] = p.matrix.codes
+                tensors[f"layers.{i}.predictor.scales_zeros"] = p.matrix.scales_zeros
+                if p.bias is not None:
+                    tensors[f"layers.{i}.predictor.bias"] = p.bias.float().contiguous()
+                continue
             tensors[f"layers.{i}.predictor.in.weight"] = p.w_in.to(torch.float16).contiguous()
             tensors[f"layers.{i}.predictor.out.weight"] = p.w_out.to(torch.float16).contiguous()
             tensors[f"layers.{i}.predictor.out.bias"] = p.b_out.to(torch.float16).contiguous()
-        settings = dict(self.settings, format=FORMAT, format_version=FORMAT_VERSION,
+        settings = dict(self.settings, format=FORMAT, format_version=FORMAT_VERSION, kind=self.kind,
                         ranks=self.ranks, decision_thresholds=self.decision_thresholds)
         suffix = f".tmp-{os.getpid()}"
         try:
@@ -174,19 +230,44 @@ def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predict
     if settings.get("format") != FORMAT or settings.get("format_version") != FORMAT_VERSION:
         raise FlashLLMError(f"{settings_path}: predictor format {settings.get('format_version')} is not supported "
                             f"(this flashllm reads {FORMAT_VERSION}); run `flashllm train-predictor` again")
-    from safetensors import safe_open
+    from flashllm.sources.hf import read_header, tensor_loader
 
     layers = []
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            for i in range(len(settings["ranks"])):
-                p = f"layers.{i}.predictor."
-                layers.append(LayerPredictor(f.get_tensor(p + "in.weight"), f.get_tensor(p + "out.weight"),
-                                             f.get_tensor(p + "out.bias")))
-    except Exception as e:  # safetensors' own error types, a missing file or tensor
+    kind = settings.get("kind", "lowrank")
+    try:  # pread, tensor by tensor: a memory map's pages would count in our resident set
+        header, data_start = read_header(weights_path)
+        get = lambda name: tensor_loader(weights_path, data_start, name, header[name])(None)  # noqa: E731
+        work, codes = {}, None
+        for i in range(len(settings["ranks"])):
+            p = f"layers.{i}.predictor."
+            if kind == "int4":  # one layer's storage form at a time (in one reused buffer) -> the kernel's
+                codes = _read_into(weights_path, data_start, header[p + "codes"], codes)
+                matrix = Int4Matrix(codes, get(p + "scales_zeros"), int(settings["int4_rows"]),
+                                    int(settings["int4_group"]))
+                matrix.prepare(work=work)
+                bias = get(p + "bias") if p + "bias" in header else None
+                matrix.codes = torch.empty(0, matrix.k // 2, dtype=torch.uint8)
+                layers.append(Int4Predictor(matrix, int(settings["n_ff"]), settings["int4_activation"], bias))
+                continue
+            layers.append(LayerPredictor(get(p + "in.weight"), get(p + "out.weight"), get(p + "out.bias")))
+    except (OSError, ValueError, KeyError) as e:
         raise FlashLLMError(f"{weights_path}: unreadable predictors ({e}); run `flashllm train-predictor` "
                             f"again") from None
     return Predictors(layers, settings, dtype)
+
+
+def _read_into(path: Path, data_start: int, entry: dict, buffer: torch.Tensor | None) -> torch.Tensor:
+    """A uint8 tensor read with pread into `buffer` when it has the shape (else a new one)."""
+    shape = entry["shape"]
+    begin, end = entry["data_offsets"]
+    if entry["dtype"] != "U8":
+        raise ValueError(f"codes of dtype {entry['dtype']}, expected U8")
+    if buffer is None or list(buffer.shape) != list(shape):
+        buffer = torch.empty(shape, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        if os.preadv(f.fileno(), [buffer.view(-1).numpy()], data_start + begin) != end - begin:
+            raise ValueError("truncated codes")
+    return buffer
 
 
 # -- training one layer ----------------------------------------------------------------------------
@@ -259,6 +340,23 @@ def train_layer(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: to
         threshold = decision_threshold(val_logits, y_val, recall)
         val_recall = float(((val_logits >= threshold) & y_val).sum() / y_val.sum().clamp(min=1))
     return LayerFit(predictor, threshold, table, sorted(pinned), time.perf_counter() - start, val_recall)
+
+
+def int4_layer(spec: FFNSpec, ffn: dict[str, torch.Tensor], x_val: torch.Tensor, y_val: torch.Tensor,
+               recall: float = DEFAULT_RECALL) -> LayerFit:
+    """The layer's gate/up in 4 bits as its predictor; only the decision cuts are tuned (on x_val)."""
+    start = time.perf_counter()
+    predictor = Int4Predictor.from_ffn(spec, ffn)
+    predictor.matrix.prepare(keep=True)  # the kernel's form for speed, the storage form for saving
+    rate = float(y_val.float().mean()) if y_val.numel() else 1.0
+    if rate >= ALWAYS_ACTIVE:  # (almost) always active: predict all (t = 0 then stays exactly dense)
+        return LayerFit(predictor, ALL_LOGIT, {f"{r:g}": ALL_LOGIT for r in sorted({*RECALL_GRID, recall})}, [],
+                        time.perf_counter() - start, 1.0)
+    val_logits = _batched_logits(predictor, x_val)
+    table = {f"{r:g}": decision_threshold(val_logits, y_val, r) for r in sorted({*RECALL_GRID, recall})}
+    threshold = decision_threshold(val_logits, y_val, recall)
+    val_recall = float(((val_logits >= threshold) & y_val).sum() / y_val.sum().clamp(min=1))
+    return LayerFit(predictor, threshold, table, [], time.perf_counter() - start, val_recall)
 
 
 def _batched_logits(predictor: LayerPredictor, x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -426,7 +524,7 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                      rank: int | None = None, last_rank: int | None = None, sparsity: float | None = None,
                      recall: float = DEFAULT_RECALL, context: int = DEFAULT_CONTEXT,
                      eval_tokens: int = DEFAULT_EVAL_TOKENS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                     progress: Progress | None = None) -> TrainResult:
+                     progress: Progress | None = None, kind: str | None = None) -> TrainResult:
     """Calibrate thresholds, train one predictor per layer, measure them, and save them into the bundle.
 
     The model runs layer by layer over the corpus: the hidden states of all sequences advance through
@@ -448,7 +546,15 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
         raise FlashLLMError(f"--sparsity {sparsity}: must be in [0, 1)")
     if not 0.0 < recall <= 1.0:
         raise FlashLLMError(f"--recall {recall}: must be in (0, 1]")
-    ranks = default_ranks(spec, L, rank, last_rank)
+    kind = kind or ("int4" if spec.gated else "lowrank")
+    if kind not in KINDS:
+        raise FlashLLMError(f"unknown predictor kind {kind!r} (choose from {', '.join(KINDS)})")
+    if kind == "int4":
+        if rank is not None or last_rank is not None:
+            raise FlashLLMError("--rank/--last-rank apply to --kind lowrank; int4 predictors have no rank")
+        ranks = [0] * L
+    else:
+        ranks = default_ranks(spec, L, rank, last_rank)
     tokenizer = Tokenizer.from_folder(b.folder)
     if tokenizer is None:
         raise FlashLLMError(f"{b.folder}: the bundle has no tokenizer.json")
@@ -504,17 +610,21 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                     del model.weights[k]
             collect_seconds += time.perf_counter() - t0
             if progress:
-                progress(layer, L, f"layer {layer}: training rank {ranks[layer]}")
-            with torch.enable_grad():
-                fit = train_layer(torch.cat(xs["train"]), torch.cat(masks["train"]), torch.cat(xs["val"]),
-                                  torch.cat(masks["val"]), ranks[layer], recall, epochs, seed=seed + layer,
-                                  magnitude=magnitude)
+                progress(layer, L, f"layer {layer}: " + (f"training rank {ranks[layer]}" if kind == "lowrank"
+                                                          else "4-bit gate/up"))
+            if kind == "int4":
+                fit = int4_layer(spec, ffn, torch.cat(xs["val"]), torch.cat(masks["val"]), recall)
+            else:
+                with torch.enable_grad():
+                    fit = train_layer(torch.cat(xs["train"]), torch.cat(masks["train"]), torch.cat(xs["val"]),
+                                      torch.cat(masks["val"]), ranks[layer], recall, epochs, seed=seed + layer,
+                                      magnitude=magnitude)
             del magnitude
             fits.append(fit)
             layers.append(fit.predictor)
             eval_set = "heldout" if groups["heldout"] else "val"
             y = torch.cat(masks[eval_set])
-            pred = [fit.predictor.logits(x) >= fit.decision_threshold for x in xs[eval_set]]
+            pred = [_batched_logits(fit.predictor, x) >= fit.decision_threshold for x in xs[eval_set]]
             rows.append(_layer_row(layer, y, torch.cat(pred), fit, spec))
             distinct.append(_mean_window([m for m in masks[eval_set]]))
             predicted_distinct.append(_mean_window(pred))
@@ -532,6 +642,9 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
         "decision_table": {r: [f.decision_table[r] for f in fits] for r in fits[0].decision_table},
         "pinned": [f.pinned for f in fits],
         "ranks": ranks,
+        "kind": kind, "n_ff": spec.n_ff,
+        **({"int4_rows": layers[0].matrix.rows, "int4_group": layers[0].matrix.group,
+            "int4_activation": layers[0].activation} if kind == "int4" else {}),
         "window_stats": {"K": WINDOW_K, "distinct": distinct, "predicted_distinct": predicted_distinct,
                          "n_ff": spec.n_ff, "tokens": "heldout" if groups["heldout"] else "validation"},
         "threshold_table": {f"{s:.2f}": table[s] for s in THRESHOLD_GRID},
@@ -562,7 +675,7 @@ def _layer_row(layer: int, y: torch.Tensor, pred: torch.Tensor, fit: LayerFit, s
     return {"layer": layer, "rank": fit.predictor.rank, "true_active": true / total,
             "predicted_active": predicted / total, "recall": tp / true if true else 1.0,
             "precision": tp / predicted if predicted else 1.0, "decision_threshold": fit.decision_threshold,
-            "params": sum(t.numel() for t in (fit.predictor.w_in, fit.predictor.w_out, fit.predictor.b_out)),
+            "stored_bytes": fit.predictor.stored_bytes,
             "pinned": len(fit.pinned), "train_seconds": fit.seconds}
 
 
@@ -583,7 +696,7 @@ def _overall(rows: list[dict], predictors: Predictors, model_bytes: int, fits: l
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731  every layer has n_ff neurons
     true, predicted = mean("true_active"), mean("predicted_active")
     recall = sum(r["recall"] * r["true_active"] for r in rows) / max(1e-12, sum(r["true_active"] for r in rows))
-    stored = sum(r["params"] for r in rows) * 2  # float16 on disk
+    stored = sum(r["stored_bytes"] for r in rows)
     return {"true_active": true, "predicted_active": predicted, "recall": recall,
             "precision": recall * true / predicted if predicted else 1.0,
             "predictor_bytes": stored, "predictor_dram_bytes": predictors.nbytes,

@@ -43,6 +43,7 @@ class FlashSettings:
     mode: str = "predictor"
     cache: bool = True  # False: no neuron cache, every needed record is read each token
     merge_gap_bytes: int | None = None  # gaps read through when coalescing (None: from the I/O profile)
+    flash_embedding: bool = True  # read the input embedding rows from flash (untied models)
 
 
 def parse_budget(text: str, model_bytes: int) -> int:
@@ -95,12 +96,19 @@ class BudgetPlan:
 
 
 def plan_budget(bundle: Bundle, budget: int, predictor_bytes: int, max_tokens: int, prefill_tokens: int,
-                weights: list[float] | None = None, reader_bytes: int = 0, cache: bool = True) -> BudgetPlan:
+                weights: list[float] | None = None, reader_bytes: int = 0, cache: bool = True,
+                flash_embedding: bool = False) -> BudgetPlan:
     """Fixed costs first; what is left becomes neuron caches, split by each layer's need (`weights`:
-    the paper's Req_i, e.g. distinct neurons over the window) and never more than a layer's neurons."""
+    the paper's Req_i, e.g. distinct neurons over the window) and never more than a layer's neurons.
+    flash_embedding: the input embedding table stays on flash (only the prompt's rows are held)."""
     c, spec = bundle.config, bundle.spec
     L, n_ff, record = c.num_hidden_layers, spec.n_ff, _record_bytes(bundle)
     resident = bundle.resident_bytes
+    embedding = bundle.embedding_rows() if flash_embedding else None
+    if embedding is not None:
+        region, _ = embedding
+        resident -= region.count * region.stride
+        resident += prefill_tokens * region.stride  # the rows of the longest forward pass
     kv = KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, bundle.itemsize)
     # scratch for streamed records + reader staging + activations of the longest forward pass
     rotary = 2 * max_tokens * c.head_dim * 4
@@ -130,6 +138,16 @@ def plan_budget(bundle: Bundle, budget: int, predictor_bytes: int, max_tokens: i
     cache_bytes = int(capacities.sum()) * per_row
     return BudgetPlan(budget, resident, predictor_bytes, kv, work, index, capacities.tolist(), cache_bytes, record,
                       n_ff)
+
+
+def _release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def staging_bound(reader: FlashReader) -> int:
@@ -227,11 +245,17 @@ class FlashModel:
         threads = settings.threads or min(IOProfile.for_path(bundle.folder).best_threads, MAX_THREADS)
         self.reader = FlashReader(threads=threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES,
                                   merge_gap_bytes=settings.merge_gap_bytes)
+        # the input embedding table needs one row per token: it stays on flash unless it is the LM head
+        self.embedding = bundle.embedding_rows() if settings.flash_embedding else None
         self.plan = plan_budget(bundle, budget, predictor_bytes, max_tokens, prefill_tokens, need,
-                                staging_bound(self.reader), cache=settings.cache)
-        weights = {name: tensor for name, tensor in bundle.resident_tensors()}
+                                staging_bound(self.reader), cache=settings.cache,
+                                flash_embedding=self.embedding is not None)
+        skip = ("embed.weight",) if self.embedding is not None else ()
+        weights = {name: tensor for name, tensor in bundle.resident_tensors(skip)}
         self.model = bundle.family.model(bundle.config, weights, bundle.dtype)
         self.model.limit_context(max_tokens)
+        if self.embedding is not None:
+            self.model.embed = self._embed
         self.thresholds = self.predictors.activation_thresholds if self.predictors is not None else [0.0] * L
         self.oracle_weights = self._load_oracle() if settings.mode == "oracle" else None
         record = self.plan.record_bytes
@@ -242,6 +266,17 @@ class FlashModel:
         self.times = TokenTimes()
         self.needed = self.hit = 0
         self.trace: list[list[np.ndarray]] | None = None  # set to [[] per layer] to record needed sets
+        _release_free_heap()  # loading left freed buffers in the C heap; the budget counts only what we keep
+
+    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """The rows of these tokens, read from the embedding table on flash."""
+        t0 = time.perf_counter()
+        region, dtype = self.embedding
+        ids, inverse = np.unique(tokens.numpy(), return_inverse=True)
+        rows = np.empty((len(ids), region.stride), dtype=np.uint8)
+        self.reader.read(region, ids, rows)
+        self.times.io += time.perf_counter() - t0
+        return torch.from_numpy(rows).view(dtype)[torch.from_numpy(inverse.reshape(-1))].to(self.bundle.dtype)
 
     def _load_oracle(self) -> list[dict]:
         """Oracle mode knows each token's true active set: it keeps gate/up (and bias) of every layer

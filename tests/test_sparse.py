@@ -55,6 +55,24 @@ def test_every_neuron_equals_dense(bundle):
         assert tokens == list(generate(dense, IDS, SamplingSettings(max_tokens=8, stop_at_eos=False)))
 
 
+def test_untied_embeddings_stay_on_flash(tmp_path):
+    """An untied model's input embedding table is read a row per token from flash: not resident, not in
+    the plan, and the logits are the dense model's; a tied table (the LM head) stays resident."""
+    bundle = tmp_path / "untied"
+    layout.convert(tiny_llama(tmp_path / "src", vocab_size=512), bundle, dtype="float32")
+    flash = FlashModel(bundle, BIG, FlashSettings(mode="dense"), 32, 16)
+    assert flash.embedding is not None and "embed.weight" not in flash.model.weights
+    resident = FlashModel(bundle, BIG, FlashSettings(mode="dense", flash_embedding=False), 32, 16)
+    table = 512 * 64 * 4
+    assert resident.plan.resident_bytes - flash.plan.resident_bytes == table - 16 * 64 * 4
+    before = flash.reader.totals.bytes_read
+    assert (flash_logits(flash) - dense_logits(bundle)).abs().max() < 1e-4
+    assert flash.reader.totals.bytes_read > before
+    tied = tmp_path / "tied"
+    layout.convert(tiny_llama(tmp_path / "src-tied", kind="llama-tied"), tied, dtype="float32")
+    assert FlashModel(tied, BIG, FlashSettings(mode="dense"), 32, 16).embedding is None
+
+
 def thresholded(flash: FlashModel, bundle):
     """Per-layer thresholds at the median |a| of these tokens: the oracle drops about half the neurons."""
     if not flash.spec.gated:
