@@ -33,7 +33,7 @@ from typing import Callable
 
 from flashllm.errors import FlashLLMError
 
-STRATEGIES = ("naive", "hybrid", "page-cache", "predictor", "predictor+window", "all", "oracle")
+STRATEGIES = ("naive", "hybrid", "page-cache", "predictor", "predictor+window", "all", "oracle", "int4-gate-up")
 FLASH = {  # strategy -> (layout, FlashSettings fields)
     "naive": ("bundled", {"mode": "dense", "cache": False}),
     "hybrid": ("bundled", {"mode": "dense", "policy": "static"}),
@@ -41,7 +41,20 @@ FLASH = {  # strategy -> (layout, FlashSettings fields)
     "predictor+window": ("split", {"mode": "predictor"}),
     "all": ("bundled", {"mode": "predictor"}),
     "oracle": ("bundled", {"mode": "oracle"}),
+    # beyond the paper: gate/up from the int4 predictors in DRAM, only down columns read (split layout)
+    "int4-gate-up": ("split", {"mode": "predictor", "gate_up": "int4"}),
 }
+
+
+def default_strategies(bundle: Path) -> tuple[str, ...]:
+    """Every strategy; int4-gate-up only where the bundle has int4 predictors of a gated FFN."""
+    settings_path = Path(bundle) / "predictors.json"
+    try:
+        kind = json.loads(settings_path.read_text()).get("kind", "lowrank") if settings_path.exists() else None
+        gated = json.loads((Path(bundle) / "manifest.json").read_text())["ffn"]["gated"]
+    except (OSError, ValueError, KeyError):
+        kind, gated = None, False
+    return tuple(s for s in STRATEGIES if s != "int4-gate-up" or (kind == "int4" and gated))
 
 
 @dataclass
@@ -238,11 +251,11 @@ def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, in
     b = Bundle(bundle)
     budget = parse_budget(settings.budget, b.manifest["sizes"]["total_bytes"])
     prompts = make_prompts(bundle, settings)
-    needs_predictors = {"predictor", "predictor+window", "all"} & set(settings.strategies)
+    needs_predictors = {"predictor", "predictor+window", "all", "int4-gate-up"} & set(settings.strategies)
     if needs_predictors and not (bundle / "predictors.json").exists():
         raise FlashLLMError(f"{bundle} has no predictors (needed by {', '.join(sorted(needs_predictors))}); "
                             f"run `flashllm train-predictor {bundle}` first")
-    split = split_bundle(bundle) if {"predictor", "predictor+window"} & set(settings.strategies) else None
+    split = split_bundle(bundle) if {"predictor", "predictor+window", "int4-gate-up"} & set(settings.strategies) else None
     max_tokens = settings.prompt_tokens + settings.tokens
     common = {"budget": budget, "max_tokens": max_tokens, "prefill": settings.prompt_tokens,
               "window": settings.window, "policy": settings.policy, "threads": settings.threads,

@@ -64,6 +64,7 @@ def generate(
     policy: str = typer.Option("lru", help="Cache eviction policy: lru, window or pinned."),
     mode: str = typer.Option("predictor", help="Which neurons to read: predictor, oracle (upper bound) or dense."),
     threads: Optional[int] = typer.Option(None, min=1, help="Flash reader threads (default: from `flashllm bench io`)."),
+    gate_up: str = typer.Option("flash", "--gate-up", help="flash (exact: read gate/up/down) or int4 (gate/up from the 4-bit predictors, read only down; split-layout bundles)."),
     stats: str = typer.Option("table", help="End-of-run statistics on stderr: table, json or none."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the budget plan."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
@@ -104,7 +105,8 @@ def generate(
             limit = bundle.config.max_position_embeddings
             if len(ids) >= limit:
                 raise FlashLLMError(f"the prompt has {len(ids)} tokens; the context holds {limit}")
-            flash = FlashModel(folder, budget, FlashSettings(window=window, policy=policy, threads=threads, mode=mode),
+            flash = FlashModel(folder, budget, FlashSettings(window=window, policy=policy, threads=threads, mode=mode,
+                                                               gate_up=gate_up),
                                max_tokens=min(limit, len(ids) + max_tokens), prefill_tokens=len(ids))
             if verbose:
                 console.print("\n".join(flash.plan.lines()), highlight=False)
@@ -243,8 +245,7 @@ def bench(
     prompts: int = typer.Option(4, min=1, help="Prompts (windows of held-out text)."),
     prompt_tokens: int = typer.Option(128, min=1, help="Tokens of context per prompt."),
     tokens: int = typer.Option(256, min=2, help="Tokens decoded per prompt (teacher-forced on the real text)."),
-    strategies: str = typer.Option(",".join(("naive", "hybrid", "page-cache", "predictor", "predictor+window", "all",
-                                             "oracle")), help="Comma-separated strategies."),
+    strategies: Optional[str] = typer.Option(None, help="Comma-separated: naive, hybrid, page-cache, predictor, predictor+window, all, oracle, int4-gate-up (default: all of them; int4-gate-up where the predictors are int4 on a gated FFN)."),
     window: int = typer.Option(4, min=1, help="The cache's window (the paper's k)."),
     policy: str = typer.Option("lru", help="Cache policy for the windowed strategies: lru, window, pinned."),
     threads: Optional[int] = typer.Option(None, min=1, help="Flash reader threads."),
@@ -268,10 +269,14 @@ def bench(
 
         from flashllm.bench import BenchSettings, plot_sweep, run_bench, sweep as run_sweep
 
+        from flashllm.bench import default_strategies
+
         folder = _bundle_for(target)
+        chosen = tuple(s.strip() for s in strategies.split(",") if s.strip()) if strategies else \
+            default_strategies(folder)
         settings = BenchSettings(budget=dram_budget, prompts=1 if quick else prompts,
                                  prompt_tokens=16 if quick else prompt_tokens, tokens=16 if quick else tokens,
-                                 strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
+                                 strategies=chosen,
                                  window=window, policy=policy, threads=threads, corpus=corpus)
         log = lambda message: console.print(f"[dim]{message}[/]", highlight=False)  # noqa: E731
         if sweep:
@@ -309,8 +314,9 @@ def _bench_table(report: dict):
         fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
         note = r["note"]
         if naive and r["name"] != "naive" and r["tokens"] and r["bytes_read_per_token"]:
-            note = f"{naive['bytes_read_per_token'] / r['bytes_read_per_token']:.1f}x fewer bytes than naive" + \
-                (f"; {note}" if note else "")
+            note = f"{naive['bytes_read_per_token'] / r['bytes_read_per_token']:.1f}x fewer bytes" + \
+                (f", {naive['ms_per_token']['total'] / ms['total']:.1f}x faster" if ms["total"] else "") + \
+                " than naive" + (f"; {note}" if note else "")
         table.add_row(r["name"], fmt(ms["io"]), fmt(ms["memory"]), fmt(ms["predictor"]), fmt(ms["compute"]),
                       fmt(ms["total"]), f"{r['ms_per_token_spread']['p10']:.0f}-{r['ms_per_token_spread']['p90']:.0f}",
                       fmt(r["bytes_read_per_token"] / 1e6), fmt(r["read_gbps"], "{:.2f}"),
@@ -327,6 +333,7 @@ def train_predictor(
     tokens: int = typer.Option(24_576, min=64, help="Training tokens."),
     eval_tokens: int = typer.Option(8_192, min=0, help="Held-out tokens for the quality report (0: skip)."),
     kind: Optional[str] = typer.Option(None, help="int4 (the layer's gate/up in 4 bits; default for gated FFNs) or lowrank (trained; default for ReLU)."),
+    group: Optional[int] = typer.Option(None, help="int4: values per scale, 128, 64 or 32 (default: the largest dividing d; 32 is closest to the weights, for --gate-up int4)."),
     rank: Optional[int] = typer.Option(None, min=1, help="Low-rank predictor rank (default d/8, within 32..128, below d)."),
     last_rank: Optional[int] = typer.Option(None, min=1, help="Rank of the last 4 layers (default 2x rank)."),
     sparsity: Optional[float] = typer.Option(None, help="Target sparsity S of gated FFNs (default 0.5)."),
@@ -342,7 +349,7 @@ def train_predictor(
         with _progress("training") as bar:
             result = train_predictors(bundle, corpus, tokens=tokens, rank=rank, last_rank=last_rank,
                                       sparsity=sparsity, recall=recall, context=context, eval_tokens=eval_tokens,
-                                      epochs=epochs, seed=seed, progress=bar, kind=kind)
+                                      epochs=epochs, seed=seed, progress=bar, kind=kind, group=group)
         console.print(_predictor_table(result.report))
         console.print(f"predictors written into {result.folder} in {result.seconds:.0f} s", highlight=False)
 
@@ -378,6 +385,7 @@ def perplexity(
     sparsity: Optional[float] = typer.Option(None, help="Target sparsity of gated FFNs (oracle mode; predictor mode must match training)."),
     recall: Optional[float] = typer.Option(None, help="Predictor mode: use the decision cuts tuned for this recall (0.8 0.9 0.95 0.98 0.99 0.995)."),
     dram_budget: Optional[str] = typer.Option(None, "--dram-budget", "-b", help="Run the mode through the budgeted engine."),
+    gate_up: str = typer.Option("flash", "--gate-up", help="With --dram-budget: flash or int4 (see generate)."),
     context: int = typer.Option(512, min=4, help="Tokens per chunk (the second half of each is scored)."),
     max_tokens: Optional[int] = typer.Option(None, min=4, help="Use at most this many tokens of the text."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -391,7 +399,7 @@ def perplexity(
         path = _bundle_for(model) if dram_budget else _resolve(model)
         with _progress("scoring") as bar:
             result = run(path, text, mode=mode, sparsity=sparsity, dram_budget=dram_budget, context=context,
-                         max_tokens=max_tokens, recall=recall, progress=bar)
+                         max_tokens=max_tokens, recall=recall, progress=bar, gate_up=gate_up)
         if as_json:
             typer.echo(json.dumps({k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in result.items()}))
             return

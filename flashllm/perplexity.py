@@ -180,7 +180,8 @@ def resolve_thresholds(model, tokenizer, mode: str, sparsity: float | None, pred
 
 def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity: float | None = None,
                dram_budget: str | None = None, context: int = 512, max_tokens: int | None = None,
-               recall: float | None = None, dtype: str = "float32", progress: Progress | None = None) -> dict:
+               recall: float | None = None, dtype: str = "float32", progress: Progress | None = None,
+               gate_up: str = "flash") -> dict:
     """`flashllm perplexity`: {"model", "text", "tokens_in_text", "dense": PerplexityResult, mode: ...}."""
     from flashllm.engine import load_dense, parse_dtype
     from flashllm.layout import is_bundle
@@ -202,10 +203,12 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
     thresholds, sparsity, notes = resolve_thresholds(loaded.model, loaded.tokenizer, mode, sparsity, predictors,
                                                      context, progress)
     engines, run = None, mode
+    if gate_up != "flash" and dram_budget is None:
+        raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
     if dram_budget is not None:  # measured through the engine, against the dense model in DRAM
         run = "budgeted"
-        engines = {run: _budgeted_engine(model_path, mode, dram_budget, thresholds, predictors, context)}
-        notes.append(f"{mode} mode through the budgeted engine (DRAM budget {dram_budget})")
+        engines = {run: _budgeted_engine(model_path, mode, dram_budget, thresholds, predictors, context, gate_up)}
+        notes.append(f"{mode} mode through the budgeted engine (DRAM budget {dram_budget}, gate/up {gate_up})")
     tok = loaded.tokenizer
     results = evaluate(loaded.model, ids, context, [run], thresholds, predictors,
                        bos=tok.bos_token_id if tok.add_bos else None, engines=engines, progress=progress)
@@ -218,7 +221,8 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
     return {"model": str(model_path), "text": text_name, "tokens_in_text": len(ids), **results}
 
 
-def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[float], predictors, context: int):
+def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[float], predictors, context: int,
+                     gate_up: str = "flash"):
     """(model, ffn) of the budgeted engine for this mode, so that its output is measured, not assumed."""
     from flashllm.layout import is_bundle
 
@@ -232,7 +236,7 @@ def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[floa
     from flashllm.layout import Bundle
 
     total = Bundle(folder).manifest["sizes"]["total_bytes"]
-    flash = FlashModel(folder, parse_budget(budget, total), FlashSettings(mode=mode), max_tokens=context,
+    flash = FlashModel(folder, parse_budget(budget, total), FlashSettings(mode=mode, gate_up=gate_up), max_tokens=context,
                        prefill_tokens=context)
     flash.thresholds = thresholds
     if predictors is not None and mode == "predictor":

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from flashllm.errors import FlashLLMError
 from flashllm.models.common import FFNSpec, activate, active_mask, neuron_coefficients
-from flashllm.quant import Int4Matrix, kernel_available, quantize
+from flashllm.quant import GROUP_SIZES, Int4Matrix, quantize
 
 __all__ = ["active_mask", "Predictors", "LayerPredictor", "load_predictors", "train_predictors", "train_layer",
            "sparse_ffn", "calibrate_thresholds", "window_distinct", "DEFAULT_SPARSITY"]
@@ -108,11 +108,16 @@ class Int4Predictor:
     activation: str  # "" for a ReLU FFN: the logit is the pre-activation
     bias: torch.Tensor | None = None  # ReLU up bias [n_ff]
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> the estimated coefficients a~ [T, n_ff] (float32), signed."""
         y = self.matrix.matmul(x)  # [T, rows] float32
         if self.activation:
-            return (activate(y[:, :self.n_ff], self.activation) * y[:, self.n_ff:2 * self.n_ff]).abs_()
+            return activate(y[:, :self.n_ff], self.activation) * y[:, self.n_ff:2 * self.n_ff]
         return y + self.bias.float() if self.bias is not None else y
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.coefficients(x)
+        return a.abs_() if self.activation else a
 
     rank = property(lambda self: 0)
 
@@ -129,13 +134,14 @@ class Int4Predictor:
         return self  # computes in bfloat16 whatever the model's dtype
 
     @staticmethod
-    def from_ffn(spec: FFNSpec, ffn: dict[str, torch.Tensor]) -> "Int4Predictor":
-        """ffn: {'ffn.gate.weight', 'ffn.up.weight', ['ffn.up.bias']} of one layer."""
+    def from_ffn(spec: FFNSpec, ffn: dict[str, torch.Tensor], group: int | None = None) -> "Int4Predictor":
+        """ffn: {'ffn.gate.weight', 'ffn.up.weight', ['ffn.up.bias']} of one layer; group: values per
+        scale (default: the largest of 128/64/32 dividing d)."""
         if spec.gated:
             w = torch.cat([ffn["ffn.gate.weight"], ffn["ffn.up.weight"]])
-            return Int4Predictor(quantize(w), spec.n_ff, spec.activation)
+            return Int4Predictor(quantize(w, group), spec.n_ff, spec.activation)
         bias = ffn.get("ffn.up.bias")
-        return Int4Predictor(quantize(ffn["ffn.up.weight"]), spec.n_ff, "",
+        return Int4Predictor(quantize(ffn["ffn.up.weight"], group), spec.n_ff, "",
                              bias.float() if bias is not None else None)
 
 
@@ -343,10 +349,10 @@ def train_layer(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: to
 
 
 def int4_layer(spec: FFNSpec, ffn: dict[str, torch.Tensor], x_val: torch.Tensor, y_val: torch.Tensor,
-               recall: float = DEFAULT_RECALL) -> LayerFit:
+               recall: float = DEFAULT_RECALL, group: int | None = None) -> LayerFit:
     """The layer's gate/up in 4 bits as its predictor; only the decision cuts are tuned (on x_val)."""
     start = time.perf_counter()
-    predictor = Int4Predictor.from_ffn(spec, ffn)
+    predictor = Int4Predictor.from_ffn(spec, ffn, group)
     predictor.matrix.prepare(keep=True)  # the kernel's form for speed, the storage form for saving
     rate = float(y_val.float().mean()) if y_val.numel() else 1.0
     if rate >= ALWAYS_ACTIVE:  # (almost) always active: predict all (t = 0 then stays exactly dense)
@@ -524,7 +530,8 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                      rank: int | None = None, last_rank: int | None = None, sparsity: float | None = None,
                      recall: float = DEFAULT_RECALL, context: int = DEFAULT_CONTEXT,
                      eval_tokens: int = DEFAULT_EVAL_TOKENS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                     progress: Progress | None = None, kind: str | None = None) -> TrainResult:
+                     progress: Progress | None = None, kind: str | None = None,
+                     group: int | None = None) -> TrainResult:
     """Calibrate thresholds, train one predictor per layer, measure them, and save them into the bundle.
 
     The model runs layer by layer over the corpus: the hidden states of all sequences advance through
@@ -552,6 +559,9 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
     if kind == "int4":
         if rank is not None or last_rank is not None:
             raise FlashLLMError("--rank/--last-rank apply to --kind lowrank; int4 predictors have no rank")
+        if group is not None and (group not in GROUP_SIZES or spec.d % group):
+            raise FlashLLMError(f"--group {group}: must be one of {', '.join(map(str, GROUP_SIZES))} and divide "
+                                f"d = {spec.d}")
         ranks = [0] * L
     else:
         ranks = default_ranks(spec, L, rank, last_rank)
@@ -613,7 +623,7 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                 progress(layer, L, f"layer {layer}: " + (f"training rank {ranks[layer]}" if kind == "lowrank"
                                                           else "4-bit gate/up"))
             if kind == "int4":
-                fit = int4_layer(spec, ffn, torch.cat(xs["val"]), torch.cat(masks["val"]), recall)
+                fit = int4_layer(spec, ffn, torch.cat(xs["val"]), torch.cat(masks["val"]), recall, group)
             else:
                 with torch.enable_grad():
                     fit = train_layer(torch.cat(xs["train"]), torch.cat(masks["train"]), torch.cat(xs["val"]),

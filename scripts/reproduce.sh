@@ -15,7 +15,7 @@ bundle() {  # convert once, train predictors once
 }
 
 if [ "$WHAT" = smollm2 ] || [ "$WHAT" = all ]; then
-  B=$(bundle smollm2-135m --tokens 8192 --eval-tokens 2048 --rank 32 --last-rank 64 --recall 0.95 --epochs 6 | tail -1)
+  B=$(bundle smollm2-135m --tokens 8192 --eval-tokens 2048 | tail -1)
   flashllm bench io "$HOME_DIR"
   flashllm bench "$B" --dram-budget 60% --prompts 2 --tokens 64 --json "$OUT/bench_smollm2.json"
   python scripts/policy_replay.py "$B" --budget 60% --mode oracle --prompts 1 --tokens 64 | tee "$OUT/policies_smollm2.txt"
@@ -23,9 +23,10 @@ if [ "$WHAT" = smollm2 ] || [ "$WHAT" = all ]; then
   flashllm bench "$B" --sweep --plot "$OUT/sweep_smollm2.png" --prompts 1 --tokens 16 --strategies naive,hybrid,all
 fi
 if [ "$WHAT" = qwen ] || [ "$WHAT" = all ]; then
-  B=$(bundle qwen2.5-coder-1.5b --tokens 6144 --eval-tokens 1024 --recall 0.95 --epochs 4 | tail -1)
-  flashllm bench "$B" --dram-budget 50% --prompts 1 --prompt-tokens 64 --tokens 12 --strategies naive,hybrid,all,oracle \
-    --json "$OUT/bench_qwen.json"
+  B=$(bundle qwen2.5-coder-1.5b --sparsity 0.7 --tokens 6144 --eval-tokens 2048 | tail -1)
+  flashllm bench "$B" --dram-budget 50% --prompts 2 --prompt-tokens 64 --tokens 24 --json "$OUT/bench_qwen.json"
+  flashllm perplexity "$B" builtin:heldout --mode predictor --dram-budget 50% --max-tokens 2048 --json \
+    > "$OUT/perplexity_qwen.json"
   python scripts/budget_check.py "$B" --budget 50% --tokens 8 | tee "$OUT/budget_qwen.txt"
   python scripts/llamacpp_compare.py --bundle "$B" | tee "$OUT/llamacpp_qwen.txt"
 fi

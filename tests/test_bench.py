@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flashllm import layout
-from flashllm.bench import STRATEGIES, BenchSettings, run_bench
+from flashllm.bench import STRATEGIES, BenchSettings, default_strategies, run_bench
 from flashllm.cli import app
 from flashllm.predictor import train_predictors
 from flashllm.sparse import FlashModel, FlashSettings
@@ -51,6 +51,9 @@ def test_quick_bench_report_and_byte_order(bundle, tmp_path):
             assert key in row
     read = {name: row["bytes_read_per_token"] for name, row in rows.items()}
     assert read["naive"] > read["hybrid"] > read["predictor"] > read["predictor+window"]
+    # down columns only, a third of a record, and a cache that holds three times the neurons
+    assert read["int4-gate-up"] < read["predictor+window"] / 2
+    assert default_strategies(bundle) == STRATEGIES  # int4 predictors on a gated FFN: all of them
     assert rows["oracle"]["top1_agreement"] == 1.0 or rows["oracle"]["top1_agreement"] > 0.9
     assert rows["naive"]["top1_agreement"] == 1.0
 

@@ -171,9 +171,10 @@ def test_cli_train_predictor(tmp_path):
     assert "recall" in result.stderr and "held-out" in result.stderr
     assert load_predictors(bundle).ranks == [16, 16]  # the last layers (here: all) get 2x the rank
     result = runner.invoke(app, ["train-predictor", str(bundle), "--tokens", "512", "--eval-tokens", "128",
-                                 "--context", "64"])
+                                 "--context", "64", "--group", "32"])
     assert result.exit_code == 0, result.output
-    assert load_predictors(bundle).kind == "int4"  # the default for a gated FFN
+    predictors = load_predictors(bundle)
+    assert predictors.kind == "int4" and predictors.layers[0].matrix.group == 32  # int4: the gated default
 
 
 def test_bundle_without_predictors(tmp_path):
@@ -232,6 +233,7 @@ def test_rank_too_large(trained):
                           "below", "d = 64")
     assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--rank", "8"]), "--kind lowrank")
     assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--kind", "int8"]), "unknown", "kind")
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--group", "128"]), "--group", "d = 64")
 
 
 def test_sparsity_on_relu_model(tmp_path):

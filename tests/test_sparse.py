@@ -200,3 +200,65 @@ def test_cli_budget_needs_a_bundle(tmp_path):
     folder = tiny_llama(tmp_path / "src")
     (folder / "tokenizer.json").write_text("{}")
     assert_one_line_error(runner.invoke(app, ["generate", str(folder), "hi", "--dram-budget", "50%"]), "not a bundle")
+
+
+@pytest.fixture(scope="module")
+def int4_bundles(tmp_path_factory):
+    """A tiny gated model as a split and a bundled bundle, each with int4 predictors (a few seconds)."""
+    from flashllm.predictor import train_predictors
+    from tests.tiny import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("int4")
+    source = tiny_llama(root / "src", vocab_size=300)
+    tiny_tokenizer(source, 300)
+    out = {}
+    for kind in ("split", "bundled"):
+        out[kind] = root / kind
+        layout.convert(source, out[kind], dtype="float32", layout=kind)
+        train_predictors(out[kind], tokens=1500, eval_tokens=0, context=64, sparsity=0.5)
+    return out
+
+
+def test_int4_gate_up_reads_only_down_and_computes_with_the_estimate(int4_bundles):
+    """--gate-up int4: a~ from the 4-bit gate/up, kept where |a~| > t_l, times the down columns read from
+    flash; the cache holds down columns only, so it fits three times the neurons of whole records."""
+    from flashllm.predictor import load_predictors
+
+    folder = int4_bundles["split"]
+    exact = FlashModel(folder, BIG, FlashSettings(mode="predictor"), 32, 16)
+    flash = FlashModel(folder, BIG, FlashSettings(mode="predictor", gate_up="int4"), 32, 16)
+    d, itemsize = flash.spec.d, 4
+    assert flash.plan.record_bytes == d * itemsize and exact.plan.record_bytes == 3 * d * itemsize
+    dense = load_dense(folder).model
+    predictors = load_predictors(folder)
+    t = predictors.activation_thresholds
+
+    def estimated(layer, x):
+        a = predictors.layers[layer].coefficients(x)
+        return (a * (a.abs() > t[layer])) @ dense.weights[f"layers.{layer}.ffn.down.weight"].T
+
+    expected = dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)), estimated)
+    assert (flash_logits(flash) - expected).abs().max() < 1e-4
+    totals, embedding_rows = flash.reader.totals, 10  # one row per token: the model is untied
+    assert totals.records == flash.needed - flash.hit + embedding_rows
+    assert totals.bytes_useful == totals.records * d * itemsize  # down columns (and rows), nothing else
+    budget = exact.plan.fixed_bytes + 2 * flash.spec.n_ff * (exact.plan.record_bytes + 16) // 4
+    small = FlashModel(folder, budget, FlashSettings(mode="predictor", gate_up="int4"), 32, 16)
+    whole = FlashModel(folder, budget, FlashSettings(mode="predictor"), 32, 16)
+    assert sum(small.plan.capacities) >= 2.5 * sum(whole.plan.capacities)
+
+
+def test_int4_gate_up_needs_split_layout_and_int4_predictors(int4_bundles, tmp_path):
+    with pytest.raises(FlashLLMError, match="split layout"):
+        FlashModel(int4_bundles["bundled"], BIG, FlashSettings(mode="predictor", gate_up="int4"), 32, 16)
+    with pytest.raises(FlashLLMError, match="int4 predictors"):
+        FlashModel(int4_bundles["split"], BIG, FlashSettings(mode="oracle", gate_up="int4"), 32, 16)
+    with pytest.raises(FlashLLMError, match="--gate-up"):
+        FlashModel(int4_bundles["split"], BIG, FlashSettings(mode="predictor", gate_up="int8"), 32, 16)
+    opt = tmp_path / "opt"
+    layout.convert(tiny_opt(tmp_path / "src"), opt, dtype="float32", layout="split")
+    with pytest.raises(FlashLLMError, match="gated"):
+        FlashModel(opt, BIG, FlashSettings(mode="predictor", gate_up="int4"), 32, 16)
+    result = runner.invoke(app, ["generate", str(int4_bundles["bundled"]), "hi", "--dram-budget", "90%",
+                                 "--gate-up", "int4", "-n", "2"])
+    assert_one_line_error(result, "split layout")
