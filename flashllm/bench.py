@@ -357,7 +357,7 @@ def plot_sweep(runs: list[dict], path: Path) -> None:
     ax.set_xlabel("DRAM budget (% of the model)")
     ax.set_ylabel("ms per token (median)")
     ax.set_yscale("log")
-    ax.set_title(f"{runs[0]['model']}: decode latency against the DRAM budget")
+    ax.set_title(f"{runs[0]['model']}\ndecode latency against the DRAM budget", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

@@ -333,7 +333,7 @@ def train_predictor(
     tokens: int = typer.Option(24_576, min=64, help="Training tokens."),
     eval_tokens: int = typer.Option(8_192, min=0, help="Held-out tokens for the quality report (0: skip)."),
     kind: Optional[str] = typer.Option(None, help="int4 (the layer's gate/up in 4 bits; default for gated FFNs) or lowrank (trained; default for ReLU)."),
-    group: Optional[int] = typer.Option(None, help="int4: values per scale, 128, 64 or 32 (default: the largest dividing d; 32 is closest to the weights, for --gate-up int4)."),
+    group: Optional[int] = typer.Option(None, help="int4: values per scale and zero, 32 (default), 64 or 128: larger groups cost less DRAM and predict less sharply."),
     rank: Optional[int] = typer.Option(None, min=1, help="Low-rank predictor rank (default d/8, within 32..128, below d)."),
     last_rank: Optional[int] = typer.Option(None, min=1, help="Rank of the last 4 layers (default 2x rank)."),
     sparsity: Optional[float] = typer.Option(None, help="Target sparsity S of gated FFNs (default 0.5)."),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-GROUP_SIZES = (128, 64, 32)  # the largest that divides K is used: scales then cost 4 bytes per G values
+GROUP_SIZES = (32, 64, 128)  # values per scale/zero pair (4 bytes): 32 by default, as GGUF's 4-bit types
 _ROW_BLOCK = 64  # the CPU kernel packs rows in blocks of 64: converting 1024 rows at a time is exact
 _ROW_MULTIPLE = 16  # the kernel wants N divisible by 16; rows are padded with zeros to a multiple of 64
 _CONVERT_ROWS = 1024
@@ -25,6 +25,8 @@ def kernel_available() -> bool:
 
 
 def group_size(k: int) -> int:
+    """The default group size for rows of k values: the smallest in GROUP_SIZES dividing k (the closest
+    fit: 5 bits per weight at 32; on a GGUF Q4_0/Q4_1 source, groups of 32 recover its grid)."""
     for g in GROUP_SIZES:
         if k % g == 0:
             return g
