@@ -1,27 +1,27 @@
-"""Activation sparsity and the low-rank predictors that guess, per token and layer, which FFN neurons
-are needed before any of them is read from flash.
+"""Activation sparsity and the predictors that guess, per token and layer, which FFN neurons are needed
+before any of them is read from flash.
 
 Active means: ReLU FFN (OPT): a_i > 0, exact. Gated FFN (SwiGLU/GeGLU): |a_i| > t_l with
 a_i = act(g_i.x) * (u_i.x) and t_l a per-layer threshold calibrated on text to reach a target sparsity
 (CATS, TEAL). t_l = 0 keeps every neuron whose coefficient is not exactly zero: the dense model.
 
-The predictor of layer l is Linear(d -> r, no bias) then Linear(r -> n_ff) on the layer's FFN input,
-trained with a loss balanced between active and inactive neurons (Deja Vu, LLM in a flash); its
-decision threshold is tuned per layer on a validation slice for a target recall, because a missed
-neuron costs quality while a false positive only costs a read. The sparse FFN keeps
+Two kinds of predictor, each with a per-layer decision cut tuned on a validation slice for a target
+recall (a missed neuron costs quality while a false positive only costs a read); the sparse FFN keeps
 neuron i when it is predicted AND |a_i| > t_l, so with full recall it equals the oracle exactly.
-Positives weigh more in the loss the larger their coefficient, and the few neurons whose huge
-coefficients the predictor still misses (massive activations on a sequence's first token) are pinned:
-always predicted.
+- int4 (default for gated FFNs): the layer's own gate/up rows in 4 bits (flashllm.quant); the
+  estimated |a~_i| is the logit. Nothing is trained.
+- lowrank (the paper's; default for ReLU FFNs): Linear(d -> r, no bias) then Linear(r -> n_ff) on the
+  layer's FFN input, trained with a loss balanced between active and inactive neurons (Deja Vu, LLM in
+  a flash). Positives weigh more the larger their coefficient, and the few neurons whose huge
+  coefficients it still misses (massive activations on a sequence's first token) are pinned.
 
-Measured on SmolLM2-135M (see README): a gated FFN's |a| > t set is much harder to predict than a
-ReLU FFN's a > 0 set, because |u_i.x| is large for either sign of u_i.x, which no linear score
-separates; at 50% sparsity a 0.95-recall predictor reads ~85-90% of the neurons.
+Measured on SmolLM2-135M and Qwen2.5-Coder-1.5B (see README): a gated FFN's |a| > t set is hard for a
+low-rank score, because |u_i.x| is large for either sign of u_i.x, which no linear score separates (at
+50% sparsity and recall 0.99 it reads ~95% of the neurons); the int4 copy reads 50-53%.
 
-Files in the bundle folder: predictors.safetensors (float16 weights) and predictors.json (settings,
-per-layer thresholds, window statistics, the training report).
+Files in the bundle folder: predictors.safetensors and predictors.json (settings, per-layer thresholds,
+decision cuts, window statistics, the training report).
 """
-
 from __future__ import annotations
 
 import json
@@ -100,7 +100,7 @@ class LayerPredictor:
 @dataclass
 class Int4Predictor:
     """The layer's own gate and up rows in 4 bits (flashllm.quant): the estimate of every neuron's
-    coefficient, act(g~.x) * (u~.x) gated or u~.x + b ReLU, is the logit. Costs 4.25 bits per gate/up
+    coefficient, act(g~.x) * (u~.x) gated or u~.x + b ReLU, is the logit. Costs 4.25-5 bits per gate/up
     weight in DRAM but tracks the true active set closely, which no low-rank score of a gated FFN does."""
 
     matrix: Int4Matrix  # [gate; up] rows (gated) or up rows (ReLU)
@@ -136,7 +136,7 @@ class Int4Predictor:
     @staticmethod
     def from_ffn(spec: FFNSpec, ffn: dict[str, torch.Tensor], group: int | None = None) -> "Int4Predictor":
         """ffn: {'ffn.gate.weight', 'ffn.up.weight', ['ffn.up.bias']} of one layer; group: values per
-        scale (default: the largest of 128/64/32 dividing d)."""
+        scale and zero (default: quant.group_size, 32)."""
         if spec.gated:
             w = torch.cat([ffn["ffn.gate.weight"], ffn["ffn.up.weight"]])
             return Int4Predictor(quantize(w, group), spec.n_ff, spec.activation)
@@ -251,8 +251,9 @@ def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predict
                 matrix = Int4Matrix(codes, get(p + "scales_zeros"), int(settings["int4_rows"]),
                                     int(settings["int4_group"]))
                 matrix.prepare(work=work)
+                if matrix.packed is None:  # no int4 kernel in this torch: keep a copy, expanded per call
+                    matrix.codes = codes.clone()
                 bias = get(p + "bias") if p + "bias" in header else None
-                matrix.codes = torch.empty(0, matrix.k // 2, dtype=torch.uint8)
                 layers.append(Int4Predictor(matrix, int(settings["n_ff"]), settings["int4_activation"], bias))
                 continue
             layers.append(LayerPredictor(get(p + "in.weight"), get(p + "out.weight"), get(p + "out.bias")))

@@ -27,7 +27,7 @@ MODES = ("predictor", "oracle", "dense")
 SCRATCH_ROWS = 512  # records streamed past the cache per chunk
 READ_BYTES = 128 * 1024  # the reader's largest request and per-worker chunk
 MAX_THREADS = 16  # per-layer reads are small; more threads only add staging memory
-COMPUTE_ROWS = 1024  # rows per block of the one-token weighted sum (Qwen: a 3 MB temporary)
+COMPUTE_ROWS = 1024  # cached rows per block of the FFN sum: temporaries stay small (Qwen: 3-6 MB)
 ALLOCATOR_SLACK = 8 * 2**20  # freed temporaries the C heap keeps (measured 4-10 MB on SmolLM2)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30}

@@ -301,3 +301,22 @@ def test_almost_always_active_layer_predicts_all():
     y[5, 3] = False  # one exact zero, as t = 0 on a gated FFN can leave
     fit = train_layer(x, y, x[:100], y[:100], 4)
     assert bool((fit.predictor.logits(x) >= fit.decision_threshold).all())
+
+
+def test_int4_predictors_without_the_kernel(trained, monkeypatch):
+    """A torch without the CPU int4 kernel keeps each layer's codes and expands them per call: the
+    same estimates up to bfloat16 rounding."""
+    from flashllm import quant
+
+    bundle, result = trained
+    if result.predictors.kind != "int4":
+        pytest.skip("int4 predictors only")
+    fast = load_predictors(bundle)
+    monkeypatch.setattr(quant, "kernel_available", lambda: False)
+    slow = load_predictors(bundle)
+    assert slow.layers[0].matrix.packed is None and slow.layers[0].matrix.codes.numel() > 0
+    assert slow.layers[0].matrix.codes.data_ptr() != slow.layers[1].matrix.codes.data_ptr()
+    x = torch.randn(7, 64)
+    for layer in range(2):
+        a, b = slow.logits(layer, x), fast.logits(layer, x)
+        assert float((a - b).abs().max()) <= 0.02 * float(b.abs().max()) + 1e-6
