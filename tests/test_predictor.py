@@ -275,9 +275,9 @@ def test_smollm2_predictors(smollm2_bundle, tmp_path):
     result = train_predictors(bundle, tokens=2048, eval_tokens=1024, context=256, epochs=1, sparsity=0.5)
     overall, quality = result.report["overall"], result.report["quality"]
     assert abs(overall["true_active"] - 0.5) < 0.05
-    # int4 gate/up: ~11% of this model (its FFN is 59% of it), and it must keep reads near the true 50%
-    # (the low-rank predictor needed ~95% of the neurons for this recall)
-    assert overall["recall"] > 0.9 and overall["predictor_percent_of_model"] < 12
+    # int4 gate/up in groups of 32: 5 bits per gate/up weight, 12.3% of this model (its FFN is 59% of it);
+    # it must keep reads near the true 50% (the low-rank predictor needed ~95% of the neurons here)
+    assert overall["recall"] > 0.9 and overall["predictor_percent_of_model"] < 13
     assert overall["predicted_active"] < 0.75
     assert quality["oracle"]["perplexity"] < 1.15 * quality["dense"]["perplexity"]
     assert quality["predictor"]["perplexity"] >= quality["oracle"]["perplexity"] * 0.98
@@ -303,14 +303,14 @@ def test_almost_always_active_layer_predicts_all():
     assert bool((fit.predictor.logits(x) >= fit.decision_threshold).all())
 
 
+@pytest.mark.parametrize("trained", ["int4"], indirect=True)
 def test_int4_predictors_without_the_kernel(trained, monkeypatch):
     """A torch without the CPU int4 kernel keeps each layer's codes and expands them per call: the
     same estimates up to bfloat16 rounding."""
     from flashllm import quant
 
     bundle, result = trained
-    if result.predictors.kind != "int4":
-        pytest.skip("int4 predictors only")
+    assert result.predictors.kind == "int4"
     fast = load_predictors(bundle)
     monkeypatch.setattr(quant, "kernel_available", lambda: False)
     slow = load_predictors(bundle)
