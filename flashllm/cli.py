@@ -82,6 +82,8 @@ def generate(
 
         if stats not in ("table", "json", "none"):
             raise FlashLLMError(f"unknown --stats {stats!r} (choose from table, json, none)")
+        if gate_up != "flash" and dram_budget is None:
+            raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
         settings = SamplingSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if dram_budget is None:
             path = _resolve(model)

@@ -362,7 +362,10 @@ class Bundle:
         if getattr(self.config, "tie_word_embeddings", True):
             return None
         path = self.folder / RESIDENT
-        header, data_start = read_header(path)
+        try:
+            header, data_start = read_header(path)
+        except (OSError, ValueError) as e:
+            raise FlashLLMError(f"{path}: unreadable resident weights ({e}); run `flashllm verify`") from None
         entry = header.get("embed.weight")
         if entry is None or len(entry["shape"]) != 2:
             return None

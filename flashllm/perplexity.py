@@ -189,6 +189,8 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
 
     if mode not in MODES:
         raise FlashLLMError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    if gate_up != "flash" and dram_budget is None:
+        raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
     model_path = Path(model_path)
     loaded = load_dense(model_path, parse_dtype(dtype))
     if loaded.tokenizer is None:
@@ -203,8 +205,6 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
     thresholds, sparsity, notes = resolve_thresholds(loaded.model, loaded.tokenizer, mode, sparsity, predictors,
                                                      context, progress)
     engines, run = None, mode
-    if gate_up != "flash" and dram_budget is None:
-        raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
     if dram_budget is not None:  # measured through the engine, against the dense model in DRAM
         run = "budgeted"
         engines = {run: _budgeted_engine(model_path, mode, dram_budget, thresholds, predictors, context, gate_up)}

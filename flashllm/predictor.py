@@ -563,7 +563,12 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
         if group is not None and (group not in GROUP_SIZES or spec.d % group):
             raise FlashLLMError(f"--group {group}: must be one of {', '.join(map(str, GROUP_SIZES))} and divide "
                                 f"d = {spec.d}")
+        if spec.d % GROUP_SIZES[0]:
+            raise FlashLLMError(f"int4 predictors need d divisible by {GROUP_SIZES[0]} (d = {spec.d}); "
+                                f"use --kind lowrank")
         ranks = [0] * L
+    elif group is not None:
+        raise FlashLLMError("--group applies to --kind int4")
     else:
         ranks = default_ranks(spec, L, rank, last_rank)
     tokenizer = Tokenizer.from_folder(b.folder)

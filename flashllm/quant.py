@@ -17,6 +17,7 @@ GROUP_SIZES = (32, 64, 128)  # values per scale/zero pair (4 bytes): 32 by defau
 _ROW_BLOCK = 64  # the CPU kernel packs rows in blocks of 64: converting 1024 rows at a time is exact
 _ROW_MULTIPLE = 16  # the kernel wants N divisible by 16; rows are padded with zeros to a multiple of 64
 _CONVERT_ROWS = 1024
+_FALLBACK_ROWS = 256  # rows expanded at a time without the kernel (Qwen: ~4 MB of temporaries)
 
 
 def kernel_available() -> bool:
@@ -80,17 +81,22 @@ class Int4Matrix:
         xb = x.to(torch.bfloat16).contiguous()
         if self.packed is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales_zeros)
-        else:  # no kernel (or not prepared): expand the rows; slow, but the same numbers
-            y = xb @ self.dequantize().to(torch.bfloat16).T
+        else:  # no kernel (or not prepared): expand _FALLBACK_ROWS rows at a time; slow, same numbers
+            n = self.codes.shape[0]
+            y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+            for start in range(0, n, _FALLBACK_ROWS):
+                rows = self.dequantize(slice(start, start + _FALLBACK_ROWS)).to(torch.bfloat16)
+                y[:, start:start + rows.shape[0]] = xb @ rows.T
         return y[:, :self.rows].float()
 
-    def dequantize(self) -> torch.Tensor:
-        """W as float32 [rows_padded, k], from the storage form."""
+    def dequantize(self, rows: slice | None = None) -> torch.Tensor:
+        """W (or these rows of it) as float32 [rows, k], from the storage form."""
         if self.codes.shape[0] == 0 and self.rows > 0:
             raise ValueError("the storage form was dropped by prepare()")
-        q = _unpack(self.codes).float()  # [n, k]
+        rows = rows or slice(0, self.codes.shape[0])
+        q = _unpack(self.codes[rows]).float()  # [n, k]
         n = q.shape[0]
-        sz = self.scales_zeros.float()  # [k/G, n, 2]
+        sz = self.scales_zeros[:, rows].float()  # [k/G, n, 2]
         scale = sz[..., 0].T.unsqueeze(-1)  # [n, k/G, 1]
         zero = sz[..., 1].T.unsqueeze(-1)
         return ((q.view(n, -1, self.group) - 8) * scale + zero).view(n, -1)

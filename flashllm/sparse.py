@@ -394,11 +394,11 @@ class FlashModel:
         down = parts["down"]  # [n, d]
         # a block of rows at a time, so no temporary grows with the cache (Qwen: <= 6 MB)
         if x.shape[0] == 1:  # one token: a weighted sum of rows is the fast path for half precision
-            y = torch.zeros(1, down.shape[1], dtype=x.dtype)  # (and 3x faster in blocks than at once)
+            y = torch.zeros(1, down.shape[1], dtype=torch.float32)  # (and 3x faster in blocks than at once)
             for start in range(0, down.shape[0], COMPUTE_ROWS):
                 stop = start + COMPUTE_ROWS
-                y += (a[:, start:stop].T * down[start:stop]).sum(0, keepdim=True)
-            return y
+                y += (a[:, start:stop].T * down[start:stop]).sum(0, keepdim=True, dtype=torch.float32)
+            return y.to(x.dtype)
         y = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float32)  # [T, d]
         for start in range(0, down.shape[0], COMPUTE_ROWS):
             stop = start + COMPUTE_ROWS

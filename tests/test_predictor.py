@@ -234,6 +234,8 @@ def test_rank_too_large(trained):
     assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--rank", "8"]), "--kind lowrank")
     assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--kind", "int8"]), "unknown", "kind")
     assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--group", "128"]), "--group", "d = 64")
+    assert_one_line_error(runner.invoke(app, ["train-predictor", str(bundle), "--kind", "lowrank", "--group", "32"]),
+                          "--group applies")
 
 
 def test_sparsity_on_relu_model(tmp_path):

@@ -68,6 +68,8 @@ def test_untied_embeddings_stay_on_flash(tmp_path):
     before = flash.reader.totals.bytes_read
     assert (flash_logits(flash) - dense_logits(bundle)).abs().max() < 1e-4
     assert flash.reader.totals.bytes_read > before
+    repeated = [5, 5, 17, 5, 300, 17, 2, 2]  # repeated ids in the prefill: read once, placed everywhere
+    assert (flash_logits(flash, repeated) - dense_logits(bundle, ids=repeated)).abs().max() < 1e-4
     tied = tmp_path / "tied"
     layout.convert(tiny_llama(tmp_path / "src-tied", kind="llama-tied"), tied, dtype="float32")
     assert FlashModel(tied, BIG, FlashSettings(mode="dense"), 32, 16).embedding is None
@@ -262,3 +264,5 @@ def test_int4_gate_up_needs_split_layout_and_int4_predictors(int4_bundles, tmp_p
     result = runner.invoke(app, ["generate", str(int4_bundles["bundled"]), "hi", "--dram-budget", "90%",
                                  "--gate-up", "int4", "-n", "2"])
     assert_one_line_error(result, "split layout")
+    result = runner.invoke(app, ["generate", str(int4_bundles["split"]), "hi", "--gate-up", "int4", "-n", "2"])
+    assert_one_line_error(result, "--dram-budget")
