@@ -29,6 +29,8 @@ if [ "$WHAT" = qwen ] || [ "$WHAT" = all ]; then
   SPLIT=$(python -c "from flashllm.bench import split_bundle; from pathlib import Path; print(split_bundle(Path('$B')))")
   flashllm perplexity "$SPLIT" builtin:heldout --mode predictor --dram-budget 50% --gate-up int4 --max-tokens 2048 \
     --json > "$OUT/perplexity_qwen_int4_gate_up.json"
+  flashllm bench "$B" --sweep --plot "$OUT/sweep_qwen.png" --prompts 1 --prompt-tokens 32 --tokens 8 \
+    --strategies naive,page-cache,all,int4-gate-up --json "$OUT/sweep_qwen.json"
   python scripts/budget_check.py "$B" --budget 50% --tokens 8 | tee "$OUT/budget_qwen.txt"
   python scripts/llamacpp_compare.py --bundle "$B" | tee "$OUT/llamacpp_qwen.txt"
 fi
