@@ -251,11 +251,11 @@ def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, in
     b = Bundle(bundle)
     budget = parse_budget(settings.budget, b.manifest["sizes"]["total_bytes"])
     prompts = make_prompts(bundle, settings)
-    needs_predictors = {"predictor", "predictor+window", "all", "int4-gate-up"} & set(settings.strategies)
+    needs_predictors = {s for s in settings.strategies if s in FLASH and FLASH[s][1]["mode"] == "predictor"}
     if needs_predictors and not (bundle / "predictors.json").exists():
         raise FlashLLMError(f"{bundle} has no predictors (needed by {', '.join(sorted(needs_predictors))}); "
                             f"run `flashllm train-predictor {bundle}` first")
-    split = split_bundle(bundle) if {"predictor", "predictor+window", "int4-gate-up"} & set(settings.strategies) else None
+    split = split_bundle(bundle) if any(FLASH.get(s, ("",))[0] == "split" for s in settings.strategies) else None
     max_tokens = settings.prompt_tokens + settings.tokens
     common = {"budget": budget, "max_tokens": max_tokens, "prefill": settings.prompt_tokens,
               "window": settings.window, "policy": settings.policy, "threads": settings.threads,

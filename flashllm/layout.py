@@ -341,15 +341,21 @@ class Bundle:
         return [(RecordRegion(path, r["offset"], r["stride"], r["count"], f"layer {layer}"), r["parts"])
                 for r in self.layers[layer]["regions"]]
 
-    def resident_tensors(self, skip: tuple[str, ...] = ()):
-        """(name, tensor) read with pread, so no memory map's pages linger in our resident set."""
-        from flashllm.sources.hf import read_header, tensor_loader
+    def _resident_header(self) -> tuple[dict, int]:
+        from flashllm.sources.hf import read_header
 
         path = self.folder / RESIDENT
         try:
-            header, data_start = read_header(path)
+            return read_header(path)
         except (OSError, ValueError) as e:
             raise FlashLLMError(f"{path}: unreadable resident weights ({e}); run `flashllm verify`") from None
+
+    def resident_tensors(self, skip: tuple[str, ...] = ()):
+        """(name, tensor) read with pread, so no memory map's pages linger in our resident set."""
+        from flashllm.sources.hf import tensor_loader
+
+        path = self.folder / RESIDENT
+        header, data_start = self._resident_header()
         for name, entry in header.items():
             if name != "__metadata__" and name not in skip:
                 yield name, tensor_loader(path, data_start, name, entry)(None)
@@ -357,29 +363,23 @@ class Bundle:
     def embedding_rows(self) -> tuple[RecordRegion, torch.dtype] | None:
         """The input embedding table as records of one row each, for reading only the rows of the
         tokens at hand; None where the table is also the LM head (tied), which needs all of it."""
-        from flashllm.sources.hf import SAFETENSORS_DTYPES, read_header
+        from flashllm.sources.hf import SAFETENSORS_DTYPES
 
         if getattr(self.config, "tie_word_embeddings", True):
             return None
-        path = self.folder / RESIDENT
-        try:
-            header, data_start = read_header(path)
-        except (OSError, ValueError) as e:
-            raise FlashLLMError(f"{path}: unreadable resident weights ({e}); run `flashllm verify`") from None
+        header, data_start = self._resident_header()
         entry = header.get("embed.weight")
         if entry is None or len(entry["shape"]) != 2:
             return None
         begin, end = entry["data_offsets"]
         rows = entry["shape"][0]
-        return RecordRegion(path, data_start + begin, (end - begin) // rows, rows, "embeddings"), \
+        return RecordRegion(self.folder / RESIDENT, data_start + begin, (end - begin) // rows, rows, "embeddings"), \
             SAFETENSORS_DTYPES[entry["dtype"]]
 
     @property
     def resident_bytes(self) -> int:
         """Bytes of the resident tensors (the file less its header)."""
-        from flashllm.sources.hf import read_header
-
-        header, _ = read_header(self.folder / RESIDENT)
+        header, _ = self._resident_header()
         return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
 
     def split_records(self, records: torch.Tensor, parts: list[dict]) -> dict[str, torch.Tensor]:

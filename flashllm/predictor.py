@@ -242,12 +242,12 @@ def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predict
     kind = settings.get("kind", "lowrank")
     try:  # pread, tensor by tensor: a memory map's pages would count in our resident set
         header, data_start = read_header(weights_path)
-        get = lambda name: tensor_loader(weights_path, data_start, name, header[name])(None)  # noqa: E731
+        get = lambda name, out=None: tensor_loader(weights_path, data_start, name, header[name])(None, out)  # noqa: E731
         work, codes = {}, None
         for i in range(len(settings["ranks"])):
             p = f"layers.{i}.predictor."
             if kind == "int4":  # one layer's storage form at a time (in one reused buffer) -> the kernel's
-                codes = _read_into(weights_path, data_start, header[p + "codes"], codes)
+                codes = get(p + "codes", codes)
                 matrix = Int4Matrix(codes, get(p + "scales_zeros"), int(settings["int4_rows"]),
                                     int(settings["int4_group"]))
                 matrix.prepare(work=work)
@@ -261,20 +261,6 @@ def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predict
         raise FlashLLMError(f"{weights_path}: unreadable predictors ({e}); run `flashllm train-predictor` "
                             f"again") from None
     return Predictors(layers, settings, dtype)
-
-
-def _read_into(path: Path, data_start: int, entry: dict, buffer: torch.Tensor | None) -> torch.Tensor:
-    """A uint8 tensor read with pread into `buffer` when it has the shape (else a new one)."""
-    shape = entry["shape"]
-    begin, end = entry["data_offsets"]
-    if entry["dtype"] != "U8":
-        raise ValueError(f"codes of dtype {entry['dtype']}, expected U8")
-    if buffer is None or list(buffer.shape) != list(shape):
-        buffer = torch.empty(shape, dtype=torch.uint8)
-    with open(path, "rb") as f:
-        if os.preadv(f.fileno(), [buffer.view(-1).numpy()], data_start + begin) != end - begin:
-            raise ValueError("truncated codes")
-    return buffer
 
 
 # -- training one layer ----------------------------------------------------------------------------
@@ -343,10 +329,16 @@ def train_layer(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: to
             predictor.w_out[pinned] = 0.0
             predictor.b_out[pinned] = PIN_LOGIT
             val_logits = predictor.logits(x_val)
-        table = {f"{r:g}": decision_threshold(val_logits, y_val, r) for r in sorted({*RECALL_GRID, recall})}
-        threshold = decision_threshold(val_logits, y_val, recall)
-        val_recall = float(((val_logits >= threshold) & y_val).sum() / y_val.sum().clamp(min=1))
+        threshold, table, val_recall = _decision_cuts(val_logits, y_val, recall)
     return LayerFit(predictor, threshold, table, sorted(pinned), time.perf_counter() - start, val_recall)
+
+
+def _decision_cuts(val_logits: torch.Tensor, y_val: torch.Tensor, recall: float) -> tuple[float, dict, float]:
+    """The cut for `recall`, the cuts for every recall in RECALL_GRID, and the recall reached on y_val."""
+    table = {f"{r:g}": decision_threshold(val_logits, y_val, r) for r in sorted({*RECALL_GRID, recall})}
+    threshold = decision_threshold(val_logits, y_val, recall)
+    val_recall = float(((val_logits >= threshold) & y_val).sum() / y_val.sum().clamp(min=1))
+    return threshold, table, val_recall
 
 
 def int4_layer(spec: FFNSpec, ffn: dict[str, torch.Tensor], x_val: torch.Tensor, y_val: torch.Tensor,
@@ -359,10 +351,7 @@ def int4_layer(spec: FFNSpec, ffn: dict[str, torch.Tensor], x_val: torch.Tensor,
     if rate >= ALWAYS_ACTIVE:  # (almost) always active: predict all (t = 0 then stays exactly dense)
         return LayerFit(predictor, ALL_LOGIT, {f"{r:g}": ALL_LOGIT for r in sorted({*RECALL_GRID, recall})}, [],
                         time.perf_counter() - start, 1.0)
-    val_logits = _batched_logits(predictor, x_val)
-    table = {f"{r:g}": decision_threshold(val_logits, y_val, r) for r in sorted({*RECALL_GRID, recall})}
-    threshold = decision_threshold(val_logits, y_val, recall)
-    val_recall = float(((val_logits >= threshold) & y_val).sum() / y_val.sum().clamp(min=1))
+    threshold, table, val_recall = _decision_cuts(_batched_logits(predictor, x_val), y_val, recall)
     return LayerFit(predictor, threshold, table, [], time.perf_counter() - start, val_recall)
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 GROUP_SIZES = (32, 64, 128)  # values per scale/zero pair (4 bytes): 32 by default, as GGUF's 4-bit types
-_ROW_BLOCK = 64  # the CPU kernel packs rows in blocks of 64: converting 1024 rows at a time is exact
-_ROW_MULTIPLE = 16  # the kernel wants N divisible by 16; rows are padded with zeros to a multiple of 64
+_ROW_BLOCK = 64  # the CPU kernel packs rows in blocks of 64 (and wants N divisible by 16): rows are padded
+# with zeros to a multiple of 64, so converting 1024 rows at a time is exact
 _CONVERT_ROWS = 1024
 _FALLBACK_ROWS = 256  # rows expanded at a time without the kernel (Qwen: ~4 MB of temporaries)
 

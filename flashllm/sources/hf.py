@@ -54,13 +54,15 @@ def tensor_loader(shard: Path, data_start: int, name: str, entry: dict):
     dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
     begin, end = entry["data_offsets"]
 
-    def load(rows: slice | None = None) -> torch.Tensor:
+    def load(rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: a tensor of the right shape and dtype to read into (reused across calls), else a new one."""
         lo, hi, out_shape = begin, end, shape
         if rows is not None:
             row_bytes = (end - begin) // shape[0]
             lo, hi = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
             out_shape = [rows.stop - rows.start, *shape[1:]]
-        tensor = torch.empty(out_shape, dtype=dtype)
+        fits = out is not None and out.dtype == dtype and list(out.shape) == list(out_shape) and out.is_contiguous()
+        tensor = out if fits else torch.empty(out_shape, dtype=dtype)
         if hi > lo:  # straight into the tensor's memory: no intermediate copy
             with open(shard, "rb") as f:
                 got = os.preadv(f.fileno(), [tensor.view(-1).view(torch.uint8).numpy()], data_start + lo)
