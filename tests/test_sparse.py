@@ -85,7 +85,9 @@ def thresholded(flash: FlashModel, bundle):
     def record(layer, x):
         w = lambda name: dense.weights.get(f"layers.{layer}." + name)  # noqa: E731
         a = neuron_coefficients(dense.spec, x, w("ffn.gate.weight"), w("ffn.up.weight"), None)
-        medians[layer] = float(a.abs().median())
+        values = a.abs().flatten().sort().values
+        middle = len(values) // 2  # halfway between two values: no neuron sits on the threshold, where
+        medians[layer] = float(values[middle - 1] + values[middle]) / 2  # rounding order could flip it
         return dense.ffn_dense(layer, x)
 
     dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)), record)
