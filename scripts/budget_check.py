@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from flashllm.cgroup import cgroup_unavailable_reason, run_capped
+from flashllm.measure.cgroup import cgroup_unavailable_reason, run_capped
 
 
 def run(cmd, limit=None):

@@ -18,7 +18,7 @@ def main():
 
     import transformers
 
-    from flashllm.engine import GenerationStats, SamplingSettings, generate, load_dense
+    from flashllm.engine.generate import GenerationStats, SamplingSettings, generate, load_dense
     from flashllm.hub import resolve
 
     path = resolve(args.model)

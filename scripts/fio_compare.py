@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashllm.flash import FlashReader, ReadStats, RecordRegion
+from flashllm.disk.reader import FlashReader, ReadStats, RecordRegion
 
 
 def ensure_fio() -> str:

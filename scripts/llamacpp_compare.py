@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flashllm.cgroup import cgroup_peak, cgroup_unavailable_reason, drop_file_cache, memory_cgroup, oom_killed
+from flashllm.measure.cgroup import cgroup_peak, cgroup_unavailable_reason, drop_file_cache, memory_cgroup, oom_killed
 from flashllm.hub import resolve
 from flashllm.paths import home
 
@@ -419,7 +419,7 @@ def main() -> int:
     results += [free_flash] + ([capped_flash] if capped_flash else [])
     flashes = [capped_flash]
     if int4_predictors(bundle):  # gate/up from the 4-bit predictors, down columns from a split copy
-        from flashllm.bench import split_bundle
+        from flashllm.measure.bench import split_bundle
 
         split = split_bundle(bundle)
         say(f"d) flashllm --gate-up int4 on the split copy {split}, free run then capped ...")

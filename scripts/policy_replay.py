@@ -8,12 +8,10 @@ neurons per decoded token, then replays them through every policy at the planned
 
 import argparse
 
-import numpy as np
-
-from flashllm.bench import BenchSettings, _FlashEngine, make_prompts
-from flashllm.cache import POLICIES, belady, replay
-from flashllm.layout import Bundle
-from flashllm.sparse import FlashModel, FlashSettings, parse_budget
+from flashllm.engine.cache import POLICIES, belady, replay
+from flashllm.engine.flash_model import FlashModel, FlashSettings
+from flashllm.engine.generate import score
+from flashllm.measure.bench import BenchSettings, make_prompts
 
 
 def main():
@@ -26,19 +24,17 @@ def main():
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--window", type=int, default=4)
     args = parser.parse_args()
-    bundle = Bundle(args.bundle)
-    budget = parse_budget(args.budget, bundle.manifest["sizes"]["total_bytes"])
     settings = BenchSettings(prompts=args.prompts, prompt_tokens=args.prompt_tokens, tokens=args.tokens)
-    flash = FlashModel(bundle.folder, budget, FlashSettings(mode=args.mode, window=args.window),
-                       args.prompt_tokens + args.tokens, args.prompt_tokens)
-    engine = _FlashEngine(flash)
+    flash = FlashModel.open(args.bundle, args.budget, FlashSettings(mode=args.mode, window=args.window),
+                            args.prompt_tokens + args.tokens, args.prompt_tokens)
+    bundle = flash.bundle
     L, n_ff = bundle.config.num_hidden_layers, bundle.spec.n_ff
     traces = [[] for _ in range(L)]
     for prompt in make_prompts(bundle.folder, settings):
-        flash.trace = [[] for _ in range(L)]
-        engine.score(prompt["prompt"], prompt["continuation"])
+        flash.ffn.record_trace()
+        score(flash.model, prompt["prompt"], prompt["continuation"])
         for layer in range(L):
-            traces[layer] += flash.trace[layer][1:]  # decode steps only (the first entry is the prefill)
+            traces[layer] += flash.ffn.trace[layer][1:]  # decode steps only (the first entry is the prefill)
     steps = len(traces[0])
     needed = sum(len(s) for t in traces for s in t) / (steps * L * n_ff)
     caps = flash.plan.capacities

@@ -26,7 +26,7 @@ fi
 if [ "$WHAT" = qwen ] || [ "$WHAT" = all ]; then
   B=$(bundle qwen2.5-coder-1.5b --sparsity 0.5 --group 32 --tokens 6144 --eval-tokens 2048 | tail -1)
   flashllm bench "$B" --dram-budget 50% --prompts 2 --prompt-tokens 64 --tokens 24 --json "$OUT/bench_qwen.json"
-  SPLIT=$(python -c "from flashllm.bench import split_bundle; from pathlib import Path; print(split_bundle(Path('$B')))")
+  SPLIT=$(python -c "from flashllm.measure.bench import split_bundle; from pathlib import Path; print(split_bundle(Path('$B')))")
   flashllm perplexity "$SPLIT" builtin:heldout --mode predictor --dram-budget 50% --gate-up int4 --max-tokens 2048 \
     --json > "$OUT/perplexity_qwen_int4_gate_up.json"
   flashllm bench "$B" --sweep --plot "$OUT/sweep_qwen.png" --prompts 1 --prompt-tokens 32 --tokens 8 \

@@ -34,7 +34,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M converted to a float16 bundled layout (once per test session)."""
-    from flashllm.layout import convert
+    from flashllm.bundle.writer import convert
 
     out = tmp_path_factory.mktemp("bundles") / "smollm2"
     convert(smollm2_gguf, out, dtype="float16")

@@ -5,11 +5,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flashllm import layout
-from flashllm.bench import STRATEGIES, BenchSettings, default_strategies, run_bench
+from flashllm.bundle.writer import convert
+from flashllm.measure.bench import STRATEGIES, BenchSettings, default_strategies, run_bench
 from flashllm.cli import app
-from flashllm.predictor import train_predictors
-from flashllm.sparse import FlashModel, FlashSettings
+from flashllm.sparsity.train import train_predictors
+from flashllm.engine.flash_model import FlashModel, FlashSettings
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 
@@ -21,7 +21,7 @@ def bundle(tmp_path_factory):
     source = tiny_llama(root / "src", vocab_size=300, hidden_size=128, intermediate_size=512, num_hidden_layers=3)
     tiny_tokenizer(source, 300)
     out = root / "bundle"
-    layout.convert(source, out, dtype="float32")
+    convert(source, out, dtype="float32")
     train_predictors(out, tokens=2048, eval_tokens=0, context=128, recall=0.8)  # int4 gate/up, the default
     return out
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from flashllm.cgroup import cgroup_unavailable_reason, run_capped
+from flashllm.measure.cgroup import cgroup_unavailable_reason, run_capped
 
 pytestmark = pytest.mark.realmodel
 REASON = cgroup_unavailable_reason()

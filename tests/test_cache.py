@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashllm.cache import NeuronCache
+from flashllm.engine.cache import NeuronCache
 
 N, RECORD = 64, 8
 
@@ -83,7 +83,7 @@ def test_unknown_policy():
 
 
 def test_belady_is_a_lower_bound_of_every_policy():
-    from flashllm.cache import belady, replay
+    from flashllm.engine.cache import belady, replay
 
     rng = np.random.default_rng(0)
     hot = rng.choice(N, 12, replace=False)

@@ -11,9 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flashllm import layout
+from flashllm.bundle.writer import convert
+from flashllm.bundle.reader import Bundle
+from flashllm.bundle.format import ALIGNMENT, FORMAT_VERSION
+from flashllm.bundle.verify import verify
+from flashllm.models import DTYPES
+from flashllm.bundle import writer
 from flashllm.cli import app
-from flashllm.engine import load_dense
+from flashllm.engine.generate import load_dense
 from flashllm.errors import FlashLLMError
 from tests.test_cli_errors import assert_one_line_error
 from tests.tiny import tiny_llama, tiny_opt
@@ -44,33 +49,33 @@ def logits(path, dtype):
 def test_bundle_logits_bit_identical_to_source(tmp_path, kind, bundle_layout, dtype):
     source = make(tmp_path, kind)
     out = tmp_path / "bundle"
-    layout.convert(source, out, dtype=dtype, layout=bundle_layout)
-    torch_dtype = layout.DTYPE_NAMES[dtype]
+    convert(source, out, dtype=dtype, layout=bundle_layout)
+    torch_dtype = DTYPES[dtype]
     assert torch.equal(logits(out, torch_dtype), logits(source, torch_dtype))
 
 
 def test_bundled_records_hold_gate_up_down_contiguously(tmp_path):
     source = make(tmp_path, "llama")
     out = tmp_path / "bundle"
-    layout.convert(source, out, dtype="float32")
+    convert(source, out, dtype="float32")
     weights = load_dense(source).model.weights
-    bundle = layout.Bundle(out)
+    bundle = Bundle(out)
     (region, parts), = bundle.regions(1)
     d = bundle.config.hidden_size
-    assert region.offset % layout.ALIGNMENT == 0 and region.stride == 3 * d * 4
+    assert region.offset % ALIGNMENT == 0 and region.stride == 3 * d * 4
     data = (out / bundle.layers[1]["file"]).read_bytes()
     for i in (0, 1, 77, bundle.config.intermediate_size - 1):
         record = torch.frombuffer(bytearray(data[region.offset + i * region.stride:][:region.stride]), dtype=torch.float32)
         expected = torch.cat([weights["layers.1.ffn.gate.weight"][i], weights["layers.1.ffn.up.weight"][i],
                               weights["layers.1.ffn.down.weight"][:, i]])
         assert torch.equal(record, expected)
-    assert len(data) % layout.ALIGNMENT == 0
+    assert len(data) % ALIGNMENT == 0
 
 
 def test_relu_records_carry_the_up_bias(tmp_path):
     out = tmp_path / "bundle"
-    layout.convert(make(tmp_path, "opt"), out, dtype="float32")
-    bundle = layout.Bundle(out)
+    convert(make(tmp_path, "opt"), out, dtype="float32")
+    bundle = Bundle(out)
     (region, parts), = bundle.regions(0)
     assert [p["name"] for p in parts] == ["up", "down", "up_bias"]
     assert region.stride == (2 * bundle.config.hidden_size + 1) * 4
@@ -78,18 +83,18 @@ def test_relu_records_carry_the_up_bias(tmp_path):
 
 def test_split_layout_has_two_aligned_regions(tmp_path):
     out = tmp_path / "bundle"
-    layout.convert(make(tmp_path, "llama"), out, layout="split")
-    regions = layout.Bundle(out).regions(0)
+    convert(make(tmp_path, "llama"), out, layout="split")
+    regions = Bundle(out).regions(0)
     assert [parts[0]["name"] for _, parts in regions] == ["gate", "down"]
-    assert all(region.offset % layout.ALIGNMENT == 0 for region, _ in regions)
+    assert all(region.offset % ALIGNMENT == 0 for region, _ in regions)
 
 
 def test_manifest_describes_the_bundle(tmp_path):
     source = make(tmp_path, "qwen2")
     out = tmp_path / "bundle"
-    layout.convert(source, out)
+    convert(source, out)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format_version"] == layout.FORMAT_VERSION and m["family"] == "llama" and m["model_type"] == "qwen2"
+    assert m["format_version"] == FORMAT_VERSION and m["family"] == "llama" and m["model_type"] == "qwen2"
     assert m["dtype"] == "float16" and m["alignment"] == 4096 and len(m["ffn"]["layers"]) == 2
     assert m["source"]["name"] == "qwen2" and len(m["source"]["sha256"]) == 64
     assert m["sizes"]["total_bytes"] == m["sizes"]["resident_bytes"] + m["sizes"]["ffn_bytes"]
@@ -114,10 +119,10 @@ def test_cli_convert_info_verify_and_corruption(tmp_path):
 def test_existing_out_needs_force_and_force_replaces(tmp_path):
     source = make(tmp_path, "llama")
     out = tmp_path / "bundle"
-    layout.convert(source, out, dtype="float32")
+    convert(source, out, dtype="float32")
     assert_one_line_error(runner.invoke(app, ["convert", str(source), str(out)]), "already exists", "--force")
-    layout.convert(source, out, dtype="float16", force=True)
-    assert layout.Bundle(out).manifest["dtype"] == "float16"
+    convert(source, out, dtype="float16", force=True)
+    assert Bundle(out).manifest["dtype"] == "float16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "llama"]
 
 
@@ -128,7 +133,7 @@ def test_bad_input_leaves_nothing_behind(tmp_path, monkeypatch):
     assert_one_line_error(runner.invoke(app, ["convert", str(source), str(out), "--layout", "zigzag"]), "zigzag")
     assert_one_line_error(runner.invoke(app, ["convert", str(source), str(source / "inside")]), "inside the source")
     assert_one_line_error(runner.invoke(app, ["convert", str(source), "/proc/flashllm-bundle"]), "/proc")
-    monkeypatch.setattr(layout.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
     assert_one_line_error(runner.invoke(app, ["convert", str(source), str(out)]), "not enough free disk")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
 
@@ -146,7 +151,7 @@ def test_kill_9_mid_convert_leaves_no_out_and_next_run_succeeds(tmp_path):
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
     out = tmp_path / "bundle"
     # a slowed-down convert in a child process, killed once it has started writing layer files
-    code = ("import time, flashllm.layout as L; w = L.write_layer\n"
+    code = ("import time, flashllm.bundle.writer as L; w = L.write_layer\n"
             "def slow(*a, **k):\n    time.sleep(0.3); return w(*a, **k)\n"
             f"L.write_layer = slow; L.convert({str(source)!r}, {str(out)!r}, dtype='float32')")
     child = subprocess.Popen([sys.executable, "-c", code])
@@ -157,18 +162,18 @@ def test_kill_9_mid_convert_leaves_no_out_and_next_run_succeeds(tmp_path):
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert not out.exists()
-    layout.convert(source, out, dtype="float32")  # a later run is not tripped up and cleans the leftover
-    assert layout.verify(out) == []
+    convert(source, out, dtype="float32")  # a later run is not tripped up and cleans the leftover
+    assert verify(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "bundle"]
 
 
 def test_verify_reports_missing_and_truncated_layers(tmp_path):
     out = tmp_path / "bundle"
-    layout.convert(make(tmp_path, "llama"), out)
+    convert(make(tmp_path, "llama"), out)
     (out / "ffn" / "layer_000.bin").unlink()
     path = out / "ffn" / "layer_001.bin"
     path.write_bytes(path.read_bytes()[:100])
-    problems = layout.verify(out)
+    problems = verify(out)
     assert any("layer 0" in p and "missing" in p for p in problems)
     assert any("layer 1" in p and "bytes" in p for p in problems)
 
@@ -176,4 +181,4 @@ def test_verify_reports_missing_and_truncated_layers(tmp_path):
 def test_not_a_bundle(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(FlashLLMError, match="not a flashllm bundle"):
-        layout.Bundle(tmp_path)
+        Bundle(tmp_path)

@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashllm import flash
 from flashllm.errors import FlashLLMError
-from flashllm.flash import FlashReader, IOProfile, RecordRegion, kernel_read_bytes, plan_requests
+from flashllm.disk import profile as disk_profile
+from flashllm.disk import system as disk_system
+from flashllm.disk.profile import IOProfile
+from flashllm.disk.reader import FlashReader, ReadStats, RecordRegion, plan_requests
+from flashllm.disk.system import kernel_read_bytes
 
 RAM_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs"}
 
@@ -55,7 +58,7 @@ def write_layer(path: Path, offset: int, stride: int, count: int, tail: int = 0,
     return data[offset : offset + count * stride].reshape(count, stride)
 
 
-def read(reader: FlashReader, region: RecordRegion, ids) -> tuple[np.ndarray, flash.ReadStats]:
+def read(reader: FlashReader, region: RecordRegion, ids) -> tuple[np.ndarray, ReadStats]:
     ids = np.asarray(ids, dtype=np.int64)
     out = np.full((len(ids), region.stride), 0xAB, dtype=np.uint8)  # [n, stride]
     stats = reader.read(region, ids, out)
@@ -178,7 +181,7 @@ def test_bad_ids_are_rejected(disk_dir):
 @pytest.mark.parametrize("refuse_direct", [False, True])
 def test_buffered_fallback_on_tmpfs(monkeypatch, refuse_direct):
     """tmpfs refuses O_DIRECT before Linux 6.6; newer kernels accept it, so the refusal is also simulated."""
-    monkeypatch.setattr(flash, "_warned_buffered", False)
+    monkeypatch.setattr(disk_system, "_warned_buffered", False)
     if refuse_direct:
         real_open = os.open
 
@@ -281,9 +284,9 @@ def test_io_profile_default_save_load(tmp_path):
     assert IOProfile.load(tmp_path) is None
     assert IOProfile.for_path(tmp_path).source == "default"
     measured = IOProfile(table={4096: {1: 50.0, 8: 200.0}, 1 << 20: {1: 900.0, 8: 1000.0}},
-                         device=flash.device_key(tmp_path))  # fmt: skip
+                         device=disk_profile.device_key(tmp_path))  # fmt: skip
     saved = measured.save()
-    assert saved == flash.profile_path() and saved.is_file()
+    assert saved == disk_profile.profile_path() and saved.is_file()
     loaded = IOProfile.load(tmp_path)
     assert loaded is not None and loaded.table == measured.table and loaded.best_threads == 8
     assert FlashReader(profile=loaded).threads == 8
@@ -292,7 +295,7 @@ def test_io_profile_default_save_load(tmp_path):
 def test_quick_io_bench(disk_dir):
     from rich.console import Console
 
-    from flashllm.iobench import format_profile_table, run_io_bench
+    from flashllm.disk.probe import format_profile_table, run_io_bench
 
     calls = []
     profile = run_io_bench(disk_dir, quick=True, seconds_per_cell=0.05, file_bytes=16 << 20,

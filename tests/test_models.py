@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flashllm.engine import load_dense
+from flashllm.engine.generate import load_dense
 from tests.tiny import hf_logits, tiny_llama, tiny_opt
 
 IDS = [5, 17, 3, 88, 41, 2, 60, 60, 9, 33, 71, 12, 0, 95]

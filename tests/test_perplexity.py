@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from flashllm.cli import app
-from flashllm.perplexity import chunks_of, perplexity
+from flashllm.measure.perplexity import perplexity
+from flashllm.sparsity.quality import chunks_of
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_predictor import tiny_bundle
 from tests.tiny import hf_logits
@@ -98,8 +99,8 @@ def test_bad_input(bundle, text_file, tmp_path):
 
 
 def test_budgeted_engine_matches_the_reference_semantics(tmp_path, text_file):
-    """--dram-budget runs the mode through flashllm.sparse; its perplexity equals the in-DRAM reference."""
-    from flashllm.predictor import train_predictors
+    """--dram-budget runs the mode through the budgeted engine; its perplexity equals the in-DRAM reference."""
+    from flashllm.sparsity.train import train_predictors
 
     bundle = tiny_bundle(tmp_path)
     train_predictors(bundle, tokens=1000, eval_tokens=0, context=64, epochs=1)

@@ -8,10 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from flashllm.cli import app
-from flashllm.engine import load_dense
-from flashllm.models.common import FFNSpec, neuron_coefficients
-from flashllm.predictor import (Int4Predictor, LayerPredictor, Predictors, active_mask, load_predictors, sparse_ffn,
-                                train_layer, train_predictors, window_distinct)
+from flashllm.engine.generate import load_dense
+from flashllm.models.ffn import FFNSpec, neuron_coefficients
+from flashllm.models.ffn import active_mask
+from flashllm.sparsity.predictors import Int4Predictor, LayerPredictor, Predictors, load_predictors
+from flashllm.sparsity.reference import sparse_ffn
+from flashllm.sparsity.thresholds import window_distinct
+from flashllm.sparsity.train import train_layer, train_predictors
 from tests.test_cli_errors import assert_one_line_error
 from tests.tiny import tiny_llama, tiny_opt, tiny_tokenizer
 
@@ -21,7 +24,7 @@ IDS = [5, 17, 3, 88, 41, 2, 60, 60, 9, 33, 71, 12, 0, 95, 7, 7, 1, 64]
 
 def tiny_bundle(tmp_path, kind="llama"):
     """A tiny model with a small BPE tokenizer, converted to a float32 bundle."""
-    from flashllm.layout import convert
+    from flashllm.bundle.writer import convert
 
     hf = tmp_path / f"hf-{kind}"
     if kind == "opt":
@@ -51,16 +54,16 @@ def test_oracle_at_exact_threshold_equals_dense(tmp_path, kind):
     ids = torch.tensor(IDS)
     dense = model.forward(ids, 0, model.new_cache(len(IDS)))
     L = model.config.num_hidden_layers
-    sparse = model.forward(ids, 0, model.new_cache(len(IDS)), sparse_ffn(model, [0.0] * L))
+    sparse = model.with_ffn(sparse_ffn(model, [0.0] * L)).forward(ids, 0, model.new_cache(len(IDS)))
     assert torch.equal(dense, sparse)
 
 
 def test_relu_oracle_is_really_sparse(tmp_path):
-    from flashllm.predictor import SparseCounts
+    from flashllm.sparsity.reference import SparseCounts
 
     model = load_dense(tiny_opt(tmp_path / "opt")).model
     counts = SparseCounts()
-    model.forward(torch.tensor(IDS), 0, model.new_cache(len(IDS)), sparse_ffn(model, [0.0, 0.0], None, counts))
+    model.with_ffn(sparse_ffn(model, [0.0, 0.0], None, counts)).forward(torch.tensor(IDS), 0, model.new_cache(len(IDS)))
     assert 0.2 < counts.to_json()["true_active"] < 0.8
 
 
@@ -190,8 +193,8 @@ def test_predictor_mode_with_full_recall_equals_oracle(tmp_path):
     predictors = Predictors(always, {"sparsity": 0.5, "activation_thresholds": [0.05] * L,
                                      "decision_thresholds": [0.0] * L})
     ids = torch.tensor(IDS)
-    oracle = model.forward(ids, 0, model.new_cache(len(IDS)), sparse_ffn(model, [0.05] * L))
-    predicted = model.forward(ids, 0, model.new_cache(len(IDS)), sparse_ffn(model, [0.05] * L, predictors))
+    oracle = model.with_ffn(sparse_ffn(model, [0.05] * L)).forward(ids, 0, model.new_cache(len(IDS)))
+    predicted = model.with_ffn(sparse_ffn(model, [0.05] * L, predictors)).forward(ids, 0, model.new_cache(len(IDS)))
     dense = model.forward(ids, 0, model.new_cache(len(IDS)))
     assert torch.equal(oracle, predicted) and not torch.equal(oracle, dense)
 
@@ -309,7 +312,7 @@ def test_almost_always_active_layer_predicts_all():
 def test_int4_predictors_without_the_kernel(trained, monkeypatch):
     """A torch without the CPU int4 kernel keeps each layer's codes and expands them per call: the
     same estimates up to bfloat16 rounding."""
-    from flashllm import quant
+    from flashllm.models import quant
 
     bundle, result = trained
     assert result.predictors.kind == "int4"

@@ -4,7 +4,7 @@ product with the expanded rows, and a chunked conversion equal to a whole one.""
 import pytest
 import torch
 
-from flashllm import quant
+from flashllm.models import quant
 
 
 @pytest.mark.parametrize("rows,k", [(100, 64), (2100, 256), (48, 576)])

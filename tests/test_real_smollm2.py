@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from flashllm.engine import SamplingSettings, generate, load_dense
+from flashllm.engine.generate import SamplingSettings, generate, load_dense
 from flashllm.sources import open_source
 
 pytestmark = pytest.mark.realmodel

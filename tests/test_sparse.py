@@ -2,19 +2,21 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from flashllm import layout
+from flashllm.bundle.writer import convert
 from flashllm.cli import app
-from flashllm.engine import SamplingSettings, generate, load_dense
+from flashllm.engine.generate import SamplingSettings, generate, load_dense
 from flashllm.errors import FlashLLMError
-from flashllm.models.common import active_mask, neuron_coefficients
-from flashllm.sparse import FlashModel, FlashSettings, FlashStats, parse_budget, plan_budget
+from flashllm.models.ffn import active_mask, neuron_coefficients
+from flashllm.engine.budget import plan_budget
+from flashllm.engine.flash_model import FlashModel, FlashSettings
+from flashllm.engine.stats import FlashStats
+from flashllm.units import parse_size
 from tests.test_cli_errors import assert_one_line_error
 from tests.tiny import tiny_llama, tiny_opt
 
@@ -26,7 +28,7 @@ BIG = 10**10
 def bundle(request, tmp_path):
     source = tiny_opt(tmp_path / "src") if request.param == "opt" else tiny_llama(tmp_path / "src")
     out = tmp_path / "bundle"
-    layout.convert(source, out, dtype="float32")
+    convert(source, out, dtype="float32")
     return out
 
 
@@ -35,15 +37,16 @@ def flash_logits(flash: FlashModel, ids=IDS) -> torch.Tensor:
     model = flash.model
     cache = model.new_cache(len(ids))
     half = len(ids) // 2
-    out = [model.forward(torch.tensor(ids[:half]), 0, cache, flash.ffn)]
+    out = [model.forward(torch.tensor(ids[:half]), 0, cache)]
     for pos in range(half, len(ids)):
-        out.append(model.forward(torch.tensor([ids[pos]]), pos, cache, flash.ffn))
+        out.append(model.forward(torch.tensor([ids[pos]]), pos, cache))
     return torch.cat(out)
 
 
 def dense_logits(folder, ffn=None, ids=IDS) -> torch.Tensor:
     model = load_dense(folder).model
-    return model.forward(torch.tensor(ids), 0, model.new_cache(len(ids)), ffn)
+    model = model.with_ffn(ffn) if ffn is not None else model
+    return model.forward(torch.tensor(ids), 0, model.new_cache(len(ids)))
 
 
 def test_every_neuron_equals_dense(bundle):
@@ -59,7 +62,7 @@ def test_untied_embeddings_stay_on_flash(tmp_path):
     """An untied model's input embedding table is read a row per token from flash: not resident, not in
     the plan, and the logits are the dense model's; a tied table (the LM head) stays resident."""
     bundle = tmp_path / "untied"
-    layout.convert(tiny_llama(tmp_path / "src", vocab_size=512), bundle, dtype="float32")
+    convert(tiny_llama(tmp_path / "src", vocab_size=512), bundle, dtype="float32")
     flash = FlashModel(bundle, BIG, FlashSettings(mode="dense"), 32, 16)
     assert flash.embedding is not None and "embed.weight" not in flash.model.weights
     resident = FlashModel(bundle, BIG, FlashSettings(mode="dense", flash_embedding=False), 32, 16)
@@ -71,15 +74,16 @@ def test_untied_embeddings_stay_on_flash(tmp_path):
     repeated = [5, 5, 17, 5, 300, 17, 2, 2]  # repeated ids in the prefill: read once, placed everywhere
     assert (flash_logits(flash, repeated) - dense_logits(bundle, ids=repeated)).abs().max() < 1e-4
     tied = tmp_path / "tied"
-    layout.convert(tiny_llama(tmp_path / "src-tied", kind="llama-tied"), tied, dtype="float32")
+    convert(tiny_llama(tmp_path / "src-tied", kind="llama-tied"), tied, dtype="float32")
     assert FlashModel(tied, BIG, FlashSettings(mode="dense"), 32, 16).embedding is None
 
 
-def thresholded(flash: FlashModel, bundle):
-    """Per-layer thresholds at the median |a| of these tokens: the oracle drops about half the neurons."""
-    if not flash.spec.gated:
-        return flash
+def thresholded(bundle, budget=BIG) -> FlashModel:
+    """The oracle with per-layer thresholds halfway between the two middle |a| of these tokens: it drops
+    about half the neurons of a gated FFN (a ReLU FFN keeps a > 0)."""
     dense = load_dense(bundle).model
+    if not dense.spec.gated:
+        return FlashModel(bundle, budget, FlashSettings(mode="oracle"), 32, 16)
     medians = {}
 
     def record(layer, x):
@@ -90,22 +94,22 @@ def thresholded(flash: FlashModel, bundle):
         medians[layer] = float(values[middle - 1] + values[middle]) / 2  # rounding order could flip it
         return dense.ffn_dense(layer, x)
 
-    dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)), record)
-    flash.thresholds = [medians[layer] for layer in range(len(flash.thresholds))]
-    return flash
+    dense.with_ffn(record).forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)))
+    thresholds = [medians[layer] for layer in range(dense.config.num_hidden_layers)]
+    return FlashModel(bundle, budget, FlashSettings(mode="oracle"), 32, 16, thresholds=thresholds)
 
 
 def test_cache_and_streaming_give_identical_outputs(bundle):
-    big = thresholded(FlashModel(bundle, BIG, FlashSettings(mode="oracle"), 32, 16), bundle)
+    big = thresholded(bundle)
     minimum = big.plan.fixed_bytes + big.bundle.config.num_hidden_layers * 20 * big.plan.record_bytes
-    small = thresholded(FlashModel(bundle, minimum, FlashSettings(mode="oracle"), 32, 16), bundle)
+    small = thresholded(bundle, minimum)
     assert max(small.plan.capacities) < small.spec.n_ff // 4  # most neurons stream past the cache
     assert (flash_logits(big) - flash_logits(small)).abs().max() < 1e-5
     assert small.reader.totals.bytes_read > big.reader.totals.bytes_read
 
 
 def test_oracle_sparse_equals_masked_dense(bundle):
-    flash = thresholded(FlashModel(bundle, BIG, FlashSettings(mode="oracle"), 32, 16), bundle)
+    flash = thresholded(bundle)
     dense = load_dense(bundle).model
     spec, p = dense.spec, "layers.{}."
 
@@ -114,7 +118,7 @@ def test_oracle_sparse_equals_masked_dense(bundle):
         a = neuron_coefficients(spec, x, w("ffn.gate.weight"), w("ffn.up.weight"), w("ffn.up.bias"))
         return (a * active_mask(spec, a, flash.thresholds[layer])) @ w("ffn.down.weight").T
 
-    expected = dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)), masked)
+    expected = dense.with_ffn(masked).forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)))
     assert (flash_logits(flash) - expected).abs().max() < 1e-4
 
 
@@ -135,20 +139,20 @@ def test_policies_run_within_capacity(bundle, policy):
 
 @settings(max_examples=40, deadline=None)
 @given(extra=st.integers(0, 5 * 10**6), weights=st.lists(st.floats(0, 1e4), min_size=2, max_size=2),
-       max_tokens=st.integers(1, 512))
-def test_planner_never_plans_more_than_the_budget(tiny_bundle, extra, weights, max_tokens):
-    b = layout.Bundle(tiny_bundle)
-    fixed = plan_budget(b, BIG, 1000, max_tokens, 8, weights).fixed_bytes
-    plan = plan_budget(b, fixed + extra, 1000, max_tokens, 8, weights)
+       fixed_part=st.integers(0, 10**7), n_ff=st.integers(1, 4096), record=st.integers(1, 9216))
+def test_planner_never_plans_more_than_the_budget(extra, weights, fixed_part, n_ff, record):
+    fixed = plan_budget(BIG, {"resident weights": fixed_part}, n_ff, 2, record, weights).fixed_bytes
+    plan = plan_budget(fixed + extra, {"resident weights": fixed_part}, n_ff, 2, record, weights)
     assert plan.planned_bytes <= fixed + extra
-    assert all(0 <= c <= b.spec.n_ff for c in plan.capacities)
+    assert all(0 <= c <= n_ff for c in plan.capacities)
+    assert plan.fixed_bytes == fixed and plan.parts["resident weights"] == fixed_part
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     out = root / "bundle"
-    layout.convert(tiny_llama(root / "src"), out)
+    convert(tiny_llama(root / "src"), out)
     return out
 
 
@@ -159,14 +163,14 @@ def test_budget_below_minimum_names_it(tiny_bundle):
 
 @pytest.mark.parametrize("text,expected", [("1.5GB", 1_500_000_000), ("800MiB", 800 * 2**20), ("50%", 500),
                                            ("2048", 2048), ("1.5 gib", int(1.5 * 2**30))])
-def test_parse_budget(text, expected):
-    assert parse_budget(text, 1000) == expected
+def test_parse_size(text, expected):
+    assert parse_size(text, 1000) == expected
 
 
 @pytest.mark.parametrize("text", ["lots", "1.5XB", "-3GB", "", "50%%"])
 def test_malformed_budget(text):
-    with pytest.raises(FlashLLMError, match="malformed budget"):
-        parse_budget(text, 1000)
+    with pytest.raises(FlashLLMError, match="malformed size"):
+        parse_size(text, 1000)
 
 
 runner = CliRunner()
@@ -209,7 +213,7 @@ def test_cli_budget_needs_a_bundle(tmp_path):
 @pytest.fixture(scope="module")
 def int4_bundles(tmp_path_factory):
     """A tiny gated model as a split and a bundled bundle, each with int4 predictors (a few seconds)."""
-    from flashllm.predictor import train_predictors
+    from flashllm.sparsity.train import train_predictors
     from tests.tiny import tiny_tokenizer
 
     root = tmp_path_factory.mktemp("int4")
@@ -218,7 +222,7 @@ def int4_bundles(tmp_path_factory):
     out = {}
     for kind in ("split", "bundled"):
         out[kind] = root / kind
-        layout.convert(source, out[kind], dtype="float32", layout=kind)
+        convert(source, out[kind], dtype="float32", layout=kind)
         train_predictors(out[kind], tokens=1500, eval_tokens=0, context=64, sparsity=0.5)
     return out
 
@@ -226,7 +230,7 @@ def int4_bundles(tmp_path_factory):
 def test_int4_gate_up_reads_only_down_and_computes_with_the_estimate(int4_bundles):
     """--gate-up int4: a~ from the 4-bit gate/up, kept where |a~| > t_l, times the down columns read from
     flash; the cache holds down columns only, so it fits three times the neurons of whole records."""
-    from flashllm.predictor import load_predictors
+    from flashllm.sparsity.predictors import load_predictors
 
     folder = int4_bundles["split"]
     exact = FlashModel(folder, BIG, FlashSettings(mode="predictor"), 32, 16)
@@ -241,10 +245,10 @@ def test_int4_gate_up_reads_only_down_and_computes_with_the_estimate(int4_bundle
         a = predictors.layers[layer].coefficients(x)
         return (a * (a.abs() > t[layer])) @ dense.weights[f"layers.{layer}.ffn.down.weight"].T
 
-    expected = dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)), estimated)
+    expected = dense.with_ffn(estimated).forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)))
     assert (flash_logits(flash) - expected).abs().max() < 1e-4
     totals, embedding_rows = flash.reader.totals, 10  # one row per token: the model is untied
-    assert totals.records == flash.needed - flash.hit + embedding_rows
+    assert totals.records == flash.ffn.counters.needed - flash.ffn.counters.hit + embedding_rows
     assert totals.bytes_useful == totals.records * d * itemsize  # down columns (and rows), nothing else
     budget = exact.plan.fixed_bytes + 2 * flash.spec.n_ff * (exact.plan.record_bytes + 16) // 4
     small = FlashModel(folder, budget, FlashSettings(mode="predictor", gate_up="int4"), 32, 16)
@@ -260,7 +264,7 @@ def test_int4_gate_up_needs_split_layout_and_int4_predictors(int4_bundles, tmp_p
     with pytest.raises(FlashLLMError, match="--gate-up"):
         FlashModel(int4_bundles["split"], BIG, FlashSettings(mode="predictor", gate_up="int8"), 32, 16)
     opt = tmp_path / "opt"
-    layout.convert(tiny_opt(tmp_path / "src"), opt, dtype="float32", layout="split")
+    convert(tiny_opt(tmp_path / "src"), opt, dtype="float32", layout="split")
     with pytest.raises(FlashLLMError, match="gated"):
         FlashModel(opt, BIG, FlashSettings(mode="predictor", gate_up="int4"), 32, 16)
     result = runner.invoke(app, ["generate", str(int4_bundles["bundled"]), "hi", "--dram-budget", "90%",

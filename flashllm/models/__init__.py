@@ -1,11 +1,13 @@
-"""Model families, chosen by the checkpoint's own model_type or GGUF architecture."""
+"""Model families, chosen by the checkpoint's own model_type or GGUF architecture. Knows no files."""
 
 from __future__ import annotations
 
 from flashllm.errors import FlashLLMError
-from flashllm.models.base import Family, Transformer
+from flashllm.models import llama, opt
+from flashllm.models.base import DTYPES, Family, Transformer, parse_dtype
 
-# model_type / general.architecture -> family module
+FAMILIES = {"llama": llama.FAMILY, "opt": opt.FAMILY}
+# model_type / general.architecture -> family
 ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
 
 
@@ -14,11 +16,7 @@ def get_family(model_type: str) -> Family:
     name = ALIASES.get(str(model_type).lower())
     if name is None:
         raise FlashLLMError(f"model type {model_type!r} is not supported (supported: {', '.join(sorted(ALIASES))})")
-    if name == "llama":
-        from flashllm.models.llama import FAMILY
-    else:
-        from flashllm.models.opt import FAMILY
-    return FAMILY
+    return FAMILIES[name]
 
 
 def build_config(family: Family, hf_config: dict):
@@ -28,4 +26,4 @@ def build_config(family: Family, hf_config: dict):
         raise FlashLLMError(f"config.json does not describe a usable {family.name} model: {e}") from None
 
 
-__all__ = ["ALIASES", "Family", "Transformer", "get_family", "build_config"]
+__all__ = ["ALIASES", "DTYPES", "FAMILIES", "Family", "Transformer", "build_config", "get_family", "parse_dtype"]

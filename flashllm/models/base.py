@@ -1,20 +1,32 @@
 """The forward pass shared by the families: embed, then per layer attention and FFN, then the head.
 
-A family supplies the blocks; the FFN of each layer can be replaced by any callable (layer, x) -> y,
-which is how the sparse engine streams neurons from flash while attention stays resident.
+A family supplies the blocks. Two parts are providers set once on a model: the FFN (any callable
+(layer, x) -> y; the flash engine's streams neurons from flash while attention stays resident) and the
+token embedding lookup (tokens -> rows; the flash engine reads an untied table's rows from flash).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from flashllm.models.common import FFNSpec, KVCache, neuron_coefficients
+from flashllm.errors import FlashLLMError
+from flashllm.models.ffn import FFNSpec, neuron_coefficients
+from flashllm.models.layers import KVCache
 
-FFNFunction = Callable[[int, torch.Tensor], torch.Tensor]
+FFNFunction = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, x [T, d]) -> y [T, d]
+EmbeddingFunction = Callable[[torch.Tensor], torch.Tensor]  # token ids [T] -> rows [T, d]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise FlashLLMError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,22 @@ class Transformer:
         self.weights = weights
         self.dtype = dtype
         self.spec: FFNSpec = self.ffn_spec(config)
+        self.ffn: FFNFunction = self.ffn_dense
+        self.embedding: EmbeddingFunction = self.embedding_lookup
+
+    def use_ffn(self, provider: FFNFunction) -> None:
+        """Compute every layer's FFN with `provider` from now on (the flash engine's, a recorder...)."""
+        self.ffn = provider
+
+    def with_ffn(self, provider: FFNFunction) -> "Transformer":
+        """A model sharing these weights (and cache layout) whose FFN is `provider`; this one is unchanged."""
+        other = copy.copy(self)
+        other.ffn = provider
+        return other
+
+    def use_embedding(self, provider: EmbeddingFunction) -> None:
+        """Look token rows up with `provider` (e.g. read from flash) instead of the resident table."""
+        self.embedding = provider
 
     # -- supplied by a family -------------------------------------------------------------------
     @staticmethod
@@ -59,7 +87,8 @@ class Transformer:
         raise NotImplementedError
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Token rows (from the embedding provider) plus whatever the family adds for positions."""
+        return self.embedding(tokens)
 
     def attention(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         """h -> h + attention(norm(h)): the whole resident half of a layer."""
@@ -71,9 +100,19 @@ class Transformer:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def work_bytes_for(cls, config, tokens: int, max_tokens: int) -> int:
+        """Temporaries of a forward pass over `tokens` tokens (hidden states, attention and norm outputs:
+        32 bytes per value of d, measured) plus the float32 logits and their softmax; families add their
+        position tables for `max_tokens`."""
+        return tokens * config.hidden_size * 32 + config.vocab_size * 8
+
     # -- shared ---------------------------------------------------------------------------------
     def w(self, name: str) -> torch.Tensor | None:
         return self.weights.get(name)
+
+    def embedding_lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weights["embed.weight"][tokens]  # [T, d]
 
     def limit_context(self, max_tokens: int) -> None:
         """Size position tables for max_tokens instead of the model's whole context (saves DRAM)."""
@@ -93,10 +132,9 @@ class Transformer:
         bias = self.w(f"layers.{layer}.ffn.down.bias")
         return y if bias is None else y + bias
 
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, ffn: FFNFunction | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Logits for tokens at positions start.. ([T, vocab], or [1, vocab] with last_only)."""
-        ffn = ffn or self.ffn_dense
+        ffn = self.ffn
         h = self.embed(tokens, start)  # [T, d]
         for layer in range(self.config.num_hidden_layers):
             h = self.attention(layer, h, start, cache)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.models.base import Family, Transformer
-from flashllm.models.common import FFNSpec, KVCache, Rotary, attend
+from flashllm.models.ffn import FFNSpec
+from flashllm.models.layers import KVCache, Rotary, attend
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -160,6 +161,10 @@ class LlamaModel(Transformer):
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling)
         self.lm_head = weights["embed.weight"] if config.tie_word_embeddings else weights["lm_head.weight"]
 
+    @classmethod
+    def work_bytes_for(cls, config: LlamaConfig, tokens: int, max_tokens: int) -> int:
+        return super().work_bytes_for(config, tokens, max_tokens) + Rotary.bytes_for(config.head_dim, max_tokens)
+
     def limit_context(self, max_tokens: int) -> None:
         c = self.config
         self.rotary = Rotary(c.head_dim, c.rope_theta, min(max_tokens, c.max_position_embeddings), c.rope_scaling)
@@ -171,9 +176,6 @@ class LlamaModel(Transformer):
 
     def _norm(self, h: torch.Tensor, name: str) -> torch.Tensor:
         return F.rms_norm(h, (h.shape[-1],), self.weights[name], self.config.rms_norm_eps)
-
-    def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        return self.weights["embed.weight"][tokens]  # [T, d]
 
     def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"))

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.models.base import Family, Transformer
-from flashllm.models.common import FFNSpec, KVCache, attend
+from flashllm.models.ffn import FFNSpec
+from flashllm.models.layers import KVCache, attend
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq heritage)
 
@@ -108,7 +109,7 @@ class OPTModel(Transformer):
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + tokens.shape[0]) + POSITION_OFFSET
-        return self.weights["embed.weight"][tokens] + self.weights["pos_embed.weight"][positions]  # [T, d]
+        return self.embedding(tokens) + self.weights["pos_embed.weight"][positions]  # [T, d]
 
     def attention(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         c, p = self.config, f"layers.{layer}."

@@ -1,100 +1,14 @@
-"""Readers of input checkpoints: a Hugging Face folder or a GGUF file, yielding canonical tensors."""
+"""Readers of input checkpoints: a Hugging Face folder or a GGUF file, yielding canonical tensors.
+Never reads a bundle (bundle.reader.open_model adds that)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
 
 from flashllm.errors import FlashLLMError
-from flashllm.models import Family
-from flashllm.tokenizer import Tokenizer
-
-
-@dataclass
-class Source:
-    """A checkpoint opened for streaming: config and tokenizer now, tensors one at a time."""
-
-    path: Path
-    kind: str  # "hf", "gguf" or "bundle"
-    family: Family
-    config: object
-    tokenizer: Tokenizer | None
-    _tensors: Callable[[], Iterator[tuple[str, tuple, Callable[[slice | None], torch.Tensor]]]] = field(repr=False)
-    size_bytes: int = 0
-    fixup: Callable[[str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
-    metadata: dict = field(default_factory=dict, repr=False)
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(canonical name, tensor) one at a time; checks names and shapes against the config."""
-        for canonical, _, load in self.streams():
-            yield canonical, load(None)
-
-    def streams(self) -> Iterator[tuple[str, tuple[int, ...], Callable[[slice | None], torch.Tensor]]]:
-        """(canonical name, shape, load) per tensor; load(rows) reads a slice of rows (or all with None),
-        so a huge tensor such as the embedding table can be converted a chunk at a time."""
-        table = None if self.kind == "bundle" else \
-            NameTable(self.family.hf_names if self.kind == "hf" else self.family.gguf_names)
-        expected = self.config.expected_shapes()
-        seen = set()
-        for source_name, shape, load in self._tensors():
-            canonical = source_name if table is None else table.map(source_name)
-            if canonical is None:
-                continue
-            if canonical not in expected:
-                raise FlashLLMError(f"{self.path}: tensor {source_name} is not part of this {self.family.name} config")
-            if tuple(shape) != expected[canonical]:
-                raise FlashLLMError(f"{self.path}: tensor {source_name} has shape {tuple(shape)}, "
-                                    f"the config implies {expected[canonical]}")
-            seen.add(canonical)
-            if self.fixup is not None:  # q/k unpermuting: those tensors are always loaded whole
-                load = lambda rows, load=load, name=canonical: self.fixup(name, load(rows))  # noqa: E731
-            yield canonical, tuple(shape), load
-        missing = sorted(set(expected) - seen)
-        if missing:
-            raise FlashLLMError(f"{self.path}: {len(missing)} tensors missing, e.g. {missing[0]}")
-
-    def identity(self, with_hash: bool = False) -> dict:
-        """Name, size and (optionally) a content hash of the source, for a bundle's manifest."""
-        ident = {"name": self.path.name, "kind": self.kind, "size": self.size_bytes}
-        if with_hash:
-            ident["sha256"] = hash_files(self.files())
-        return ident
-
-    def files(self) -> list[Path]:
-        return [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
-
-
-class NameTable:
-    """Source names -> canonical names by a table whose keys may hold {} for the layer number."""
-
-    def __init__(self, table: dict[str, str | None]):
-        self.exact = {k: v for k, v in table.items() if "{}" not in k}
-        self.patterns = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + "$"), v)
-                         for k, v in table.items() if "{}" in k]
-
-    def map(self, name: str) -> str | None:
-        if name in self.exact:
-            return self.exact[name]
-        for pattern, target in self.patterns:
-            m = pattern.match(name)
-            if m:
-                return None if target is None else target.replace("{}", m.group(1))
-        raise FlashLLMError(f"unexpected tensor {name!r} in checkpoint")
-
-
-def hash_files(paths: list[Path]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
+from flashllm.sources.base import NameTable, Source, hash_files
+from flashllm.sources.gguf import open_gguf
+from flashllm.sources.hf import open_hf
 
 
 def open_source(path: str | Path) -> Source:
@@ -102,14 +16,7 @@ def open_source(path: str | Path) -> Source:
     path = Path(path).expanduser()
     if not path.exists():
         raise FlashLLMError(f"{path}: no such file or folder")
-    from flashllm.layout import is_bundle, open_bundle_source
+    return open_hf(path) if path.is_dir() else open_gguf(path)
 
-    if is_bundle(path):
-        return open_bundle_source(path)
-    if path.is_dir():
-        from flashllm.sources.hf import open_hf
 
-        return open_hf(path)
-    from flashllm.sources.gguf import open_gguf
-
-    return open_gguf(path)
+__all__ = ["NameTable", "Source", "hash_files", "open_source"]

@@ -10,7 +10,7 @@ import torch
 
 from flashllm.errors import FlashLLMError
 from flashllm.models import build_config, get_family
-from flashllm.sources import Source
+from flashllm.sources.base import Source
 from flashllm.tokenizer import Tokenizer
 
 

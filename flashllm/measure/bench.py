@@ -6,7 +6,7 @@ that the disk's minute-to-minute drift hits all alike. Every worker decodes the 
 teacher-forced (prompt, then one token at a time through the continuation), which gives generation's
 real I/O pattern and, from the same logits, perplexity and top-1 agreement with the resident model.
 
-Strategies (DESIGN.md §1; the paper's Tables 2 and 3):
+Strategies (docs/DESIGN.md §1; the paper's Tables 2 and 3), each a preset in configs/strategies/:
   resident          all weights in DRAM (no budget): the reference for quality and compute
   naive             every FFN record read from flash for every token
   hybrid            as much of the FFN resident as the budget allows, the rest read every token
@@ -23,38 +23,38 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from flashllm.bundle.reader import Bundle
+from flashllm.bundle.writer import convert
+from flashllm.configs import strategies as strategy_presets
+from flashllm.corpus import load_corpus
 from flashllm.errors import FlashLLMError
+from flashllm.measure.cgroup import cgroup_unavailable_reason, drop_file_cache, memory_cgroup
+from flashllm.paths import home
+from flashllm.tokenizer import Tokenizer
+from flashllm.units import parse_size
 
-STRATEGIES = ("naive", "hybrid", "page-cache", "predictor", "predictor+window", "all", "oracle", "int4-gate-up")
-FLASH = {  # strategy -> (layout, FlashSettings fields)
-    "naive": ("bundled", {"mode": "dense", "cache": False}),
-    "hybrid": ("bundled", {"mode": "dense", "policy": "static"}),
-    "predictor": ("split", {"mode": "predictor", "cache": False}),
-    "predictor+window": ("split", {"mode": "predictor"}),
-    "all": ("bundled", {"mode": "predictor"}),
-    "oracle": ("bundled", {"mode": "oracle"}),
-    # beyond the paper: gate/up from the int4 predictors in DRAM, only down columns read (split layout)
-    "int4-gate-up": ("split", {"mode": "predictor", "gate_up": "int4"}),
-}
+STRATEGIES = tuple(strategy_presets())
 
 
 def default_strategies(bundle: Path) -> tuple[str, ...]:
-    """Every strategy; int4-gate-up only where the bundle has int4 predictors of a gated FFN."""
+    """Every strategy; those that require int4 predictors only where the bundle has them (gated FFN)."""
     settings_path = Path(bundle) / "predictors.json"
     try:
         kind = json.loads(settings_path.read_text()).get("kind", "lowrank") if settings_path.exists() else None
         gated = json.loads((Path(bundle) / "manifest.json").read_text())["ffn"]["gated"]
     except (OSError, ValueError, KeyError):
         kind, gated = None, False
-    return tuple(s for s in STRATEGIES if s != "int4-gate-up" or (kind == "int4" and gated))
+    has_int4 = kind == "int4" and gated
+    return tuple(name for name, preset in strategy_presets().items()
+                 if preset.get("requires") != "int4-predictors" or has_int4)
 
 
 @dataclass
@@ -143,9 +143,6 @@ def _quantile(xs: list[float], q: float) -> float:
 
 def make_prompts(bundle: Path, settings: BenchSettings) -> list[dict]:
     """Windows of held-out text: prompt_tokens of context, then `tokens` to decode teacher-forced."""
-    from flashllm.corpus import load_corpus
-    from flashllm.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.from_folder(bundle)
     if tokenizer is None:
         raise FlashLLMError(f"{bundle} has no tokenizer; bench needs one to tokenize its prompts")
@@ -165,11 +162,6 @@ def make_prompts(bundle: Path, settings: BenchSettings) -> list[dict]:
 def split_bundle(bundle: Path, progress=None) -> Path:
     """The same model in the split (unbundled) layout, made once in the cache folder, with the
     bundle's predictors copied in."""
-    import shutil
-
-    from flashllm.layout import Bundle, convert
-    from flashllm.paths import home
-
     manifest = Bundle(bundle).manifest
     if manifest["layout"] == "split":
         return bundle
@@ -192,11 +184,9 @@ class Worker:
     def __init__(self, name: str, config: dict, limit_bytes: int | None = None):
         self.name = name
         self.cgroup = None
-        cmd = [sys.executable, "-m", "flashllm.bench", json.dumps(config)]
+        cmd = [sys.executable, "-m", "flashllm.measure.bench_worker", json.dumps(config)]
         preexec = None
         if limit_bytes is not None:
-            from flashllm.cgroup import memory_cgroup
-
             self.cgroup = memory_cgroup(limit_bytes)
             preexec, self.group = self.cgroup.__enter__()
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -240,22 +230,20 @@ class WorkerFailed(Exception):
 def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, int, str], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict:
     """Run every strategy over the same prompts; returns {"model", "budget_bytes", "strategies": [...]}."""
-    from flashllm.cgroup import cgroup_unavailable_reason, drop_file_cache
-    from flashllm.layout import Bundle
-    from flashllm.sparse import parse_budget
-
     say = log or (lambda message: None)
-    unknown = [s for s in settings.strategies if s not in STRATEGIES]
+    presets = strategy_presets()
+    unknown = [s for s in settings.strategies if s not in presets]
     if unknown:
         raise FlashLLMError(f"unknown strategy {unknown[0]!r} (choose from {', '.join(STRATEGIES)})")
     b = Bundle(bundle)
-    budget = parse_budget(settings.budget, b.manifest["sizes"]["total_bytes"])
+    budget = parse_size(settings.budget, of=b.manifest["sizes"]["total_bytes"], what="budget")
     prompts = make_prompts(bundle, settings)
-    needs_predictors = {s for s in settings.strategies if s in FLASH and FLASH[s][1]["mode"] == "predictor"}
+    flash = {s: presets[s] for s in settings.strategies if presets[s].get("engine", "flash") == "flash"}
+    needs_predictors = {s for s, preset in flash.items() if preset.get("flash", {}).get("mode") == "predictor"}
     if needs_predictors and not (bundle / "predictors.json").exists():
         raise FlashLLMError(f"{bundle} has no predictors (needed by {', '.join(sorted(needs_predictors))}); "
                             f"run `flashllm train-predictor {bundle}` first")
-    split = split_bundle(bundle) if any(FLASH.get(s, ("",))[0] == "split" for s in settings.strategies) else None
+    split = split_bundle(bundle) if any(preset.get("layout") == "split" for preset in flash.values()) else None
     max_tokens = settings.prompt_tokens + settings.tokens
     common = {"budget": budget, "max_tokens": max_tokens, "prefill": settings.prompt_tokens,
               "window": settings.window, "policy": settings.policy, "threads": settings.threads,
@@ -266,29 +254,27 @@ def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, in
     try:
         say("starting workers")
         workers["resident"] = Worker("resident", {"kind": "resident", "bundle": str(bundle), **common})
-        for name in settings.strategies:
-            if name == "page-cache":
-                continue
-            layout, fields = FLASH[name]
-            folder = split if layout == "split" else bundle
-            fields = dict(fields, policy=fields.get("policy", settings.policy))
+        for name, preset in flash.items():
+            folder = split if preset.get("layout") == "split" else bundle
+            fields = dict(preset.get("flash", {}))
+            fields["policy"] = fields.get("policy", settings.policy)
             try:
                 workers[name] = Worker(name, {"kind": "flash", "bundle": str(folder), "settings": fields, **common})
             except WorkerFailed as e:
                 failed[name] = e.message
-        if "page-cache" in settings.strategies:
+        for name in (s for s in settings.strategies if presets[s].get("engine") == "mmap"):
             overhead = max([w.hello["overhead_bytes"] for w in workers.values()] or [0])
             reason = cgroup_unavailable_reason()
             for path in [bundle / "resident.safetensors", *(bundle / layer["file"] for layer in b.layers)]:
                 drop_file_cache(path)
             limit = budget + overhead if reason is None else None
             try:
-                workers["page-cache"] = Worker("page-cache", {"kind": "mmap", "bundle": str(bundle), **common,
+                workers[name] = Worker("page-cache", {"kind": "mmap", "bundle": str(bundle), **common,
                                                               "simulated": reason is not None}, limit)
-                results["page-cache"].note = (f"memory cgroup {limit / 1e6:.0f} MB (budget + overhead)" if limit
+                results[name].note = (f"memory cgroup {limit / 1e6:.0f} MB (budget + overhead)" if limit
                                               else f"no cgroup ({reason}): unconstrained, page cache not capped")
             except WorkerFailed as e:
-                failed["page-cache"] = e.message
+                failed[name] = e.message
         for name, worker in workers.items():
             results[name].planned_bytes = worker.hello.get("planned_bytes", 0)
             results[name].overhead_bytes = worker.hello.get("overhead_bytes", 0)
@@ -324,193 +310,9 @@ def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, in
 
 def sweep(bundle: Path, settings: BenchSettings, budgets: list[int], progress=None, log=None) -> list[dict]:
     """ms/token against the budget (the paper's Figure 7): each budget is one bench run."""
-    from dataclasses import replace
-
     out = []
     for percent in budgets:
         report = run_bench(bundle, replace(settings, budget=f"{percent}%"), progress, log)
         report["budget_percent"] = percent
         out.append(report)
     return out
-
-
-def plot_sweep(runs: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FlashLLMError("--plot needs matplotlib: pip install 'flashllm[plot]'") from None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = [row["name"] for row in runs[0]["strategies"] if row["name"] != "resident"]
-    for name in names:
-        xs, ys = [], []
-        for run in runs:
-            row = next(r for r in run["strategies"] if r["name"] == name)
-            if row["tokens"]:
-                xs.append(run["budget_percent"])
-                ys.append(row["ms_per_token"]["total"])
-        ax.plot(xs, ys, marker="o", label=name)
-    resident = next(r for r in runs[0]["strategies"] if r["name"] == "resident")
-    ax.axhline(resident["ms_per_token"]["total"], color="gray", linestyle="--", label="resident (no budget)")
-    ax.set_xlabel("DRAM budget (% of the model)")
-    ax.set_ylabel("ms per token (median)")
-    ax.set_yscale("log")
-    ax.set_title(f"{runs[0]['model']}\ndecode latency against the DRAM budget", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-# -- the worker -------------------------------------------------------------------------------------
-
-def _worker_main(config: dict) -> None:
-    """Load one strategy, say hello, then answer one JSON line per prompt."""
-    from flashllm.sparse import current_rss, peak_rss
-
-    overhead = current_rss()
-    try:
-        engine = _build_engine(config)
-    except FlashLLMError as e:
-        print(json.dumps({"error": str(e)}), flush=True)
-        return
-    overhead = getattr(engine, "overhead_bytes", overhead)  # the engine's own, measured as generate does
-    print(json.dumps({"overhead_bytes": overhead, "planned_bytes": engine.planned_bytes}), flush=True)
-    for line in sys.stdin:
-        prompt = json.loads(line)
-        result = engine.score(prompt["prompt"], prompt["continuation"])
-        result["peak_rss_bytes"] = peak_rss()
-        print(json.dumps(result), flush=True)
-
-
-class _Engine:
-    """Teacher-forced decoding with per-step timings, over any FFN provider."""
-
-    planned_bytes = 0
-
-    def __init__(self, model, ffn=None):
-        self.model, self.ffn = model, ffn
-
-    def counters(self) -> dict:
-        return {"io": 0.0, "memory": 0.0, "predictor": 0.0, "read": 0, "needed": 0, "hits": 0}
-
-    def score(self, prompt: list[int], continuation: list[int]) -> dict:
-        import torch
-
-        from flashllm.flash import kernel_read_bytes
-
-        out = {"steps_ms": [], "io_ms": [], "memory_ms": [], "predictor_ms": [], "nll": [], "argmax": []}
-        with torch.inference_mode():
-            cache = self.model.new_cache(len(prompt) + len(continuation))
-            logits = self.model.forward(torch.tensor(prompt), 0, cache, self.ffn, last_only=True)[0]
-            start, kernel0 = self.counters(), kernel_read_bytes()
-            for j, token in enumerate(continuation):
-                out["nll"].append(float(-torch.log_softmax(logits.float(), -1)[token]))
-                out["argmax"].append(int(logits.argmax()))
-                if j == len(continuation) - 1:
-                    break
-                before = self.counters()
-                t0 = time.perf_counter()
-                logits = self.model.forward(torch.tensor([token]), len(prompt) + j, cache, self.ffn)[0]
-                out["steps_ms"].append(1000 * (time.perf_counter() - t0))
-                after = self.counters()
-                for key in ("io", "memory", "predictor"):
-                    out[f"{key}_ms"].append(1000 * (after[key] - before[key]))
-            end, kernel1 = self.counters(), kernel_read_bytes()
-        out["bytes_read"] = end["read"] - start["read"]
-        out["kernel_bytes_read"] = kernel1 - kernel0 if kernel0 is not None and kernel1 is not None else None
-        out["needed"], out["hits"] = end["needed"] - start["needed"], end["hits"] - start["hits"]
-        return out
-
-
-class _FlashEngine(_Engine):
-    def __init__(self, flash):
-        super().__init__(flash.model, flash.ffn)
-        self.flash = flash
-        self.planned_bytes = flash.plan.planned_bytes
-        self.overhead_bytes = flash.overhead_bytes
-
-    def counters(self) -> dict:
-        t = self.flash.times
-        return {"io": t.io, "memory": t.memory, "predictor": t.predictor,
-                "read": self.flash.reader.totals.bytes_read, "needed": self.flash.needed, "hits": self.flash.hit}
-
-
-class _MmapEngine(_Engine):
-    """Dense compute straight over an mmap of the bundle: the page cache decides what is in DRAM."""
-
-    def __init__(self, folder: Path):
-        import numpy as np
-        import torch
-
-        from flashllm.layout import RESIDENT, Bundle
-        from flashllm.models.common import neuron_coefficients
-        from flashllm.sources.hf import read_header
-
-        bundle = Bundle(folder)
-        header, data_start = read_header(folder / RESIDENT)
-        resident = np.memmap(folder / RESIDENT, dtype=np.uint8, mode="r")
-        weights = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            lo, hi = entry["data_offsets"]
-            raw = torch.from_numpy(resident[data_start + lo:data_start + hi])
-            weights[name] = raw.view(bundle.dtype).view(entry["shape"])
-        model = bundle.family.model(bundle.config, weights, bundle.dtype)
-        parts = []
-        for layer in range(bundle.config.num_hidden_layers):
-            layer_parts = {}
-            for region, region_parts in bundle.regions(layer):
-                mapped = np.memmap(region.path, dtype=np.uint8, mode="r", offset=region.offset,
-                                   shape=(region.count, region.stride))
-                layer_parts |= bundle.split_records(torch.from_numpy(mapped), region_parts)
-            parts.append(layer_parts)
-        spec = bundle.spec
-
-        def ffn(layer: int, x):
-            p = parts[layer]
-            bias = p["up_bias"][:, 0] if "up_bias" in p else None
-            a = neuron_coefficients(spec, x, p.get("gate"), p["up"], bias)  # [T, n_ff]
-            if x.shape[0] == 1:
-                return (a.T * p["down"]).sum(0, keepdim=True)
-            return (a.float() @ p["down"].float()).to(x.dtype)
-
-        super().__init__(model, ffn)
-
-    def counters(self) -> dict:
-        """Page faults are this engine's reads: the kernel's count is its byte count."""
-        from flashllm.flash import kernel_read_bytes
-
-        return dict(super().counters(), read=kernel_read_bytes() or 0)
-
-
-def _build_engine(config: dict) -> _Engine:
-    import warnings
-
-    import torch
-
-    warnings.filterwarnings("ignore")  # read-only mmap tensors warn once; nothing writes to them
-    folder = Path(config["bundle"])
-    if config["kind"] == "resident":
-        from flashllm.engine import load_dense
-        from flashllm.layout import Bundle
-
-        engine = _Engine(load_dense(folder, Bundle(folder).dtype).model)
-        engine.planned_bytes = Bundle(folder).manifest["sizes"]["total_bytes"]
-        return engine
-    if config["kind"] == "mmap":
-        return _MmapEngine(folder)
-    from flashllm.sparse import FlashModel, FlashSettings
-
-    fields = dict(config["settings"], window=config["window"], threads=config["threads"],
-                  merge_gap_bytes=config["merge_gap_bytes"])
-    flash = FlashModel(folder, config["budget"], FlashSettings(**fields), config["max_tokens"], config["prefill"])
-    torch.set_grad_enabled(False)
-    return _FlashEngine(flash)
-
-
-if __name__ == "__main__":
-    _worker_main(json.loads(sys.argv[1]))

@@ -15,37 +15,27 @@ The page cache is bypassed (O_DIRECT) so that what we measure is the flash, not 
 refused (tmpfs), reads are buffered and followed by POSIX_FADV_DONTNEED.
 """
 
+
 from __future__ import annotations
 
 import errno
 import itertools
-import json
 import mmap
 import os
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from flashllm.disk.profile import IOProfile
+from flashllm.disk.system import MiB, PAGE, aligned_buffer, drop_cache, kernel_read_bytes, logical_block_size, open_uncached
 from flashllm.errors import FlashLLMError
-from flashllm.paths import home
 
-PAGE = mmap.PAGESIZE
-MiB = 1 << 20
 MAX_CHUNK_REQUESTS = 16  # requests a worker takes at once: few enough to balance, enough to amortise
-
-# DESIGN.md §3: random O_DIRECT reads on the reference machine (ext4 on virtio), MB/s.
-DEFAULT_TABLE: dict[int, dict[int, float]] = {
-    4096: {1: 54.0, 16: 200.0, 32: 192.0},
-    16384: {1: 205.0, 16: 508.0, 32: 538.0},
-    65536: {1: 511.0, 16: 890.0, 32: 861.0},
-    MiB: {1: 967.0, 16: 984.0, 32: 1003.0},
-}
 
 
 @dataclass(frozen=True)
@@ -99,219 +89,6 @@ class ReadStats:
     @property
     def megabytes_per_second(self) -> float:
         return self.bytes_read / self.seconds / 1e6 if self.seconds else 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# I/O profile: what this disk can do, and the cost model coalescing decides with.
-
-
-def profile_path() -> Path:
-    """Where measured I/O profiles are saved (one JSON file, one entry per device)."""
-    return home() / "io_profile.json"
-
-
-def device_key(path: Path | str) -> str:
-    """The device ("major:minor") holding `path` (its nearest existing ancestor)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    st = os.stat(p)
-    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-
-
-@dataclass
-class IOProfile:
-    """Measured random-read throughput, {chunk_bytes: {threads: MB/s}}, and the cost model from it.
-
-    The cost of a request of n bytes is modelled as `request_seconds + n / bytes_per_second`
-    (DESIGN.md §3: time ~ max(reads / 50k per s, bytes / 1 GB/s) with >= 16 threads).
-    """
-
-    table: dict[int, dict[int, float]]
-    device: str = ""
-    source: str = "measured"  # "measured" or "default"
-    direct: bool = True  # measured with O_DIRECT (False: buffered + DONTNEED, e.g. tmpfs)
-    measured_at: str = ""
-    path: str = ""  # the folder that was measured
-    file_bytes: int = 0
-    seconds: float = 0.0
-
-    def __post_init__(self):
-        # JSON keys are strings; normalise to ints.
-        self.table = {int(c): {int(t): float(v) for t, v in row.items()} for c, row in self.table.items()}
-
-    @property
-    def chunk_sizes(self) -> list[int]:
-        return sorted(self.table)
-
-    @property
-    def thread_counts(self) -> list[int]:
-        return sorted({t for row in self.table.values() for t in row})
-
-    def iops(self, chunk: int, threads: int) -> float:
-        return self.table[chunk][threads] * 1e6 / chunk
-
-    @property
-    def request_seconds(self) -> float:
-        """Per-request cost: 1 / IOPS for the smallest chunk (4 KiB) at its best thread count."""
-        chunk = min(self.table)
-        return chunk / (max(self.table[chunk].values()) * 1e6)
-
-    @property
-    def bytes_per_second(self) -> float:
-        """Bandwidth: the median of the multi-threaded cells with chunks >= 1 MiB (or the largest chunk).
-
-        A median, not a max, because this kind of disk drifts +-30% from minute to minute.
-        """
-        big = [c for c in self.table if c >= MiB] or [max(self.table)]
-        cells = [v for c in big for t, v in self.table[c].items() if t > 1]
-        return float(np.median(cells or [v for c in big for v in self.table[c].values()])) * 1e6
-
-    @property
-    def merge_gap_bytes(self) -> int:
-        """A gap shorter than this is cheaper to read through than to skip with one more request."""
-        return int(self.request_seconds * self.bytes_per_second)
-
-    @property
-    def best_threads(self) -> int:
-        """The thread count with the best throughput relative to each row's best, summed over chunk sizes.
-
-        Ties go to more threads: threads blocked in reads are cheap, an idle device queue is not.
-        """
-
-        def score(t: int) -> float:
-            return sum(row.get(t, 0.0) / max(row.values()) for row in self.table.values())
-
-        return max(reversed(self.thread_counts), key=score)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["table"] = {str(c): {str(t): v for t, v in row.items()} for c, row in self.table.items()}
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> IOProfile:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def save(self, file: Path | None = None) -> Path:
-        """Store this profile under its device key in `file` (default: home()/io_profile.json)."""
-        file = file or profile_path()
-        data = _read_profiles(file)
-        data.setdefault("devices", {})[self.device or "default"] = self.to_json()
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(file)
-        return file
-
-    @classmethod
-    def load(cls, path: Path | str | None = None, file: Path | None = None) -> IOProfile | None:
-        """The saved profile of the device holding `path` (default: the cache folder), or None."""
-        devices = _read_profiles(file or profile_path()).get("devices", {})
-        entry = devices.get(device_key(path if path is not None else home()))
-        return cls.from_json(entry) if entry else None
-
-    @classmethod
-    def default(cls) -> IOProfile:
-        """DESIGN.md §3's measurements, used where this device has not been benchmarked."""
-        return cls(table=DEFAULT_TABLE, source="default")
-
-    @classmethod
-    def for_path(cls, path: Path | str) -> IOProfile:
-        """The saved profile for the device holding `path`, else the default."""
-        return cls.load(path) or cls.default()
-
-
-def _read_profiles(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise FlashLLMError(f"cannot read I/O profile {file}: {e} (delete it and run `flashllm bench io`)") from e
-    return data if isinstance(data, dict) else {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Low-level helpers, shared with iobench.
-
-
-_proc_io: tuple[int, int] | None = None  # (pid, fd of /proc/self/io)
-
-
-def kernel_read_bytes() -> int | None:
-    """Bytes this process has made the kernel fetch from storage (/proc/self/io read_bytes), or None."""
-    global _proc_io
-    try:
-        if _proc_io is None or _proc_io[0] != os.getpid():  # reopen after fork
-            _proc_io = (os.getpid(), os.open("/proc/self/io", os.O_RDONLY))
-        text = os.pread(_proc_io[1], 4096, 0)
-        i = text.index(b"read_bytes:") + 11
-        return int(text[i : text.index(b"\n", i)])
-    except (OSError, ValueError):
-        return None
-
-
-def logical_block_size(path: Path | str) -> int:
-    """The logical block size of the device holding `path` (sysfs), else 4096."""
-    st = os.stat(path)
-    dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    for q in (f"{dev}/queue/logical_block_size", f"{dev}/../queue/logical_block_size"):  # disk, partition
-        try:
-            size = int(Path(q).read_text())
-        except (OSError, ValueError):
-            continue
-        if size >= 512 and size & (size - 1) == 0:
-            return size
-    return 4096
-
-
-_warned_buffered = False
-
-
-def open_uncached(path: Path | str, direct: bool = True) -> tuple[int, bool]:
-    """Open `path` read-only bypassing the page cache where possible: (fd, is_direct).
-
-    O_DIRECT on Linux (F_NOCACHE on macOS). Where the filesystem refuses it (tmpfs: EINVAL), the file
-    is opened buffered and a one-time warning says so; callers then drop pages with DONTNEED.
-    """
-    global _warned_buffered
-    o_direct = getattr(os, "O_DIRECT", 0)
-    if direct and o_direct:
-        try:
-            return os.open(path, os.O_RDONLY | o_direct), True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            if not _warned_buffered:
-                _warned_buffered = True
-                warnings.warn(
-                    f"O_DIRECT is not supported for {path} (tmpfs?); using buffered reads + "
-                    "POSIX_FADV_DONTNEED, so timings may reflect RAM, not flash",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    fd = os.open(path, os.O_RDONLY)
-    if direct and not o_direct:
-        try:
-            import fcntl
-
-            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)  # macOS
-        except (ImportError, AttributeError, OSError):
-            pass
-    return fd, False
-
-
-def drop_cache(fd: int, offset: int, length: int) -> None:
-    """Evict a byte range from the page cache (after buffered reads)."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
-def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """Anonymous page-aligned memory, as O_DIRECT requires."""
-    return mmap.mmap(-1, max(PAGE, -(-nbytes // PAGE) * PAGE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +229,15 @@ class FlashReader:
 
     @property
     def staging_bytes(self) -> int:
-        """Memory held in staging buffers (counts toward the process's RSS)."""
+        """Memory held in staging buffers now (counts toward the process's RSS)."""
         return sum(len(b) for b in list(self._staging.values()))
+
+    @property
+    def staging_bound(self) -> int:
+        """The most the staging buffers can ever hold: one per worker and one for the calling thread,
+        each a power of two covering a chunk plus one request (see `_buffer`)."""
+        per_thread = 1 << (self.chunk_bytes + self.max_request_bytes - 1).bit_length()
+        return (self.threads + 1) * per_thread
 
     # -- files --------------------------------------------------------------------------------
 

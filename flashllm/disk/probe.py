@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from flashllm.errors import FlashLLMError
-from flashllm.flash import IOProfile, MiB, aligned_buffer, device_key, drop_cache, open_uncached
+from flashllm.disk.profile import IOProfile, device_key
+from flashllm.disk.system import MiB, aligned_buffer, drop_cache, open_uncached
 from flashllm.paths import home
 
 KiB = 1024

@@ -1,4 +1,6 @@
-"""Generation: prefill then decode over a preallocated KV cache, greedy or sampled.
+"""The decode loop every verb uses: prefill then decode over a preallocated KV cache, greedy or sampled;
+and its teacher-forced variant (`score`) for bench. The model's FFN and embedding providers decide
+where weights come from (resident or flash); this loop does not know.
 
 Library code yields token ids and fills a stats object; only the CLI prints.
 """
@@ -8,16 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
+from flashllm.bundle.reader import open_model
 from flashllm.errors import FlashLLMError
 from flashllm.models import Transformer
-from flashllm.models.base import FFNFunction
 from flashllm.tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -52,18 +52,10 @@ class LoadedModel:
     path: Path
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise FlashLLMError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
-    return DTYPES[name]
-
-
 def load_dense(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Every weight resident in DRAM, from a checkpoint or a bundle folder."""
-    from flashllm.sources import open_source
-
     start = time.perf_counter()
-    source = open_source(path)
+    source = open_model(path)
     weights = {name: tensor.to(dtype).contiguous() for name, tensor in source.tensors()}
     model = source.family.model(source.config, weights, dtype)
     return LoadedModel(model, source.tokenizer, time.perf_counter() - start, Path(path))
@@ -93,8 +85,7 @@ class Sampler:
 
 
 def generate(model: Transformer, prompt_ids: list[int], settings: SamplingSettings, eos_ids: list[int] = (),
-             stats: GenerationStats | None = None, ffn: FFNFunction | None = None,
-             max_context: int | None = None) -> Iterator[int]:
+             stats: GenerationStats | None = None, max_context: int | None = None) -> Iterator[int]:
     """Yield generated token ids one by one; stats (if given) is filled in as it goes."""
     stats = stats if stats is not None else GenerationStats()
     if not prompt_ids:
@@ -108,7 +99,7 @@ def generate(model: Transformer, prompt_ids: list[int], settings: SamplingSettin
     stats.prompt_tokens = len(prompt_ids)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits = model.forward(torch.tensor(prompt_ids), 0, cache, ffn, last_only=True)[0]
+        logits = model.forward(torch.tensor(prompt_ids), 0, cache, last_only=True)[0]
         stats.prefill_seconds = time.perf_counter() - t0
         position = len(prompt_ids)
         for step in range(settings.max_tokens):
@@ -124,9 +115,43 @@ def generate(model: Transformer, prompt_ids: list[int], settings: SamplingSettin
                 stats.stopped_by = "context"
                 return
             t0 = time.perf_counter()
-            logits = model.forward(torch.tensor([token]), position, cache, ffn)[0]
+            logits = model.forward(torch.tensor([token]), position, cache)[0]
             elapsed = time.perf_counter() - t0
             stats.step_seconds.append(elapsed)
             stats.decode_seconds += elapsed
             position += 1
     stats.stopped_by = "max_tokens"
+
+
+@dataclass
+class ScoreResult:
+    """Teacher-forced decoding of a continuation: per step the NLL of the true token, the argmax, and
+    the step's seconds (the prefill of the prompt is not a step)."""
+
+    nll: list[float] = field(default_factory=list)
+    argmax: list[int] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def score(model: Transformer, prompt: list[int], continuation: list[int],
+          on_step: Callable[[], None] | None = None) -> ScoreResult:
+    """Decode `continuation` one token at a time after `prompt`, feeding the true tokens (not the
+    model's). `on_step` is called after the prefill and after every decode step, so a caller can read
+    its counters between steps (bench does)."""
+    out = ScoreResult()
+    with torch.inference_mode():
+        cache = model.new_cache(len(prompt) + len(continuation))
+        logits = model.forward(torch.tensor(prompt), 0, cache, last_only=True)[0]
+        if on_step is not None:
+            on_step()
+        for j, token in enumerate(continuation):
+            out.nll.append(float(-torch.log_softmax(logits.float(), -1)[token]))
+            out.argmax.append(int(logits.argmax()))
+            if j == len(continuation) - 1:
+                break
+            t0 = time.perf_counter()
+            logits = model.forward(torch.tensor([token]), len(prompt) + j, cache)[0]
+            out.step_seconds.append(time.perf_counter() - t0)
+            if on_step is not None:
+                on_step()
+    return out

@@ -1,63 +1,12 @@
-"""Pieces every family shares: the KV cache, rotary embeddings, attention, and the FFN on records."""
+"""Pieces of attention every family shares: the preallocated KV cache, causal attention over it, and
+rotary position embeddings."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-
-@dataclass
-class FFNSpec:
-    """How one layer's FFN is laid out per neuron, so that it can be stored and computed by rows.
-
-    Neuron i of a gated FFN needs gate row i, up row i and down column i; of a ReLU FFN, up row i,
-    down column i and up bias i. Each such part is a "row" of `d` values (bias: 1 value).
-    """
-
-    gated: bool
-    activation: str  # "silu", "gelu_tanh", "gelu", "relu"
-    d: int
-    n_ff: int
-    has_up_bias: bool
-
-    @property
-    def parts(self) -> list[tuple[str, int]]:
-        """The record's parts in storage order with their widths (in values)."""
-        parts = [("gate", self.d)] if self.gated else []
-        parts += [("up", self.d), ("down", self.d)]
-        if self.has_up_bias:
-            parts.append(("up_bias", 1))
-        return parts
-
-    @property
-    def record_values(self) -> int:
-        return sum(width for _, width in self.parts)
-
-
-def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return F.silu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "relu":
-        return F.relu(x)
-    raise ValueError(f"unknown activation {activation}")
-
-
-def neuron_coefficients(spec: FFNSpec, x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor,
-                        up_bias: torch.Tensor | None) -> torch.Tensor:
-    """a_i for every neuron whose rows are given: act(g_i.x) * (u_i.x) gated, act(u_i.x + b_i) ReLU."""
-    u = x @ up.T  # [T, n]
-    if up_bias is not None:
-        u = u + up_bias
-    if spec.gated:
-        return activate(x @ gate.T, spec.activation) * u  # [T, n]
-    return activate(u, spec.activation)
 
 
 class KVCache:
@@ -118,6 +67,15 @@ class Rotary:
         emb = torch.cat([freqs, freqs], dim=-1)  # [S, hd]
         self.cos, self.sin = emb.cos(), emb.sin()
 
+    @staticmethod
+    def bytes_for(head_dim: int, max_tokens: int) -> int:
+        """The cos and sin tables, float32 [max_tokens, head_dim] each."""
+        return 2 * max_tokens * head_dim * 4
+
+    @property
+    def nbytes(self) -> int:
+        return self.cos.nbytes + self.sin.nbytes
+
     def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [heads, T, hd] at positions start..start+T."""
         T = x.shape[1]
@@ -138,6 +96,3 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(middle, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-def active_mask(spec: FFNSpec, a: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Which neurons count as active given their coefficients a: |a| > t (ReLU: a > 0, t = 0)."""
-    return a.abs() > threshold if spec.gated else a > 0

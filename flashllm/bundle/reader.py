@@ -1,0 +1,142 @@
+"""Reading a bundle folder by its manifest (never by its name), and opening any model path:
+a bundle, a Hugging Face folder or a GGUF file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from flashllm.bundle.format import FORMAT, FORMAT_VERSION, MANIFEST, RECORD_PARTS, RESIDENT, RecordLayout, record_layout
+from flashllm.disk.reader import RecordRegion
+from flashllm.errors import FlashLLMError
+from flashllm.models import DTYPES, get_family
+from flashllm.sources import Source, open_source
+from flashllm.sources.hf import SAFETENSORS_DTYPES, read_header, tensor_loader
+from flashllm.tokenizer import Tokenizer
+
+
+def is_bundle(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).exists()
+
+
+class Bundle:
+    """A bundle folder opened by its manifest (never by its name)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        try:
+            self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise FlashLLMError(f"{self.folder}: unreadable manifest ({e})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise FlashLLMError(f"{self.folder}: not a flashllm bundle")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise FlashLLMError(f"{self.folder}: bundle format {self.manifest.get('format_version')} is not "
+                                f"supported (this flashllm reads {FORMAT_VERSION}); convert again")
+        self.family = get_family(self.manifest["family"])
+        self.config = self.family.config.from_hf(self.manifest["config"])
+        self.spec = self.family.model.ffn_spec(self.config)
+        self.dtype = DTYPES[self.manifest["dtype"]]
+        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.layout = self.manifest["layout"]
+
+    @property
+    def layers(self) -> list[dict]:
+        return self.manifest["ffn"]["layers"]
+
+    def layer_path(self, layer: int) -> Path:
+        return self.folder / self.layers[layer]["file"]
+
+    def regions(self, layer: int) -> list[tuple[RecordRegion, list[dict]]]:
+        """Each region of a layer as a RecordRegion (for FlashReader) with its parts."""
+        path = self.layer_path(layer)
+        return [(RecordRegion(path, r["offset"], r["stride"], r["count"], f"layer {layer}"), r["parts"])
+                for r in self.layers[layer]["regions"]]
+
+    def _resident_header(self) -> tuple[dict, int]:
+        path = self.folder / RESIDENT
+        try:
+            return read_header(path)
+        except (OSError, ValueError) as e:
+            raise FlashLLMError(f"{path}: unreadable resident weights ({e}); run `flashllm verify`") from None
+
+    def resident_tensors(self, skip: tuple[str, ...] = ()):
+        """(name, tensor) read with pread, so no memory map's pages linger in our resident set."""
+        path = self.folder / RESIDENT
+        header, data_start = self._resident_header()
+        for name, entry in header.items():
+            if name != "__metadata__" and name not in skip:
+                yield name, tensor_loader(path, data_start, name, entry)(None)
+
+    def embedding_rows(self) -> tuple[RecordRegion, torch.dtype] | None:
+        """The input embedding table as records of one row each, for reading only the rows of the
+        tokens at hand; None where the table is also the LM head (tied), which needs all of it."""
+        if getattr(self.config, "tie_word_embeddings", True):
+            return None
+        header, data_start = self._resident_header()
+        entry = header.get("embed.weight")
+        if entry is None or len(entry["shape"]) != 2:
+            return None
+        begin, end = entry["data_offsets"]
+        rows = entry["shape"][0]
+        return RecordRegion(self.folder / RESIDENT, data_start + begin, (end - begin) // rows, rows, "embeddings"), \
+            SAFETENSORS_DTYPES[entry["dtype"]]
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the resident tensors (the file less its header)."""
+        header, _ = self._resident_header()
+        return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
+
+    def record_layout(self, layer: int, parts: tuple[str, ...] | None = None) -> RecordLayout:
+        """The typed layout of this layer's records (only the regions holding `parts`; None: all)."""
+        return record_layout(self.layer_path(layer), self.layers[layer]["regions"], layer, self.dtype, parts)
+
+    def dense_ffn(self, layer: int) -> dict[str, torch.Tensor]:
+        """All records of a layer read back into dense matrices (canonical names)."""
+        weights = {}
+        layout = self.record_layout(layer)
+        column = 0
+        rows = torch.empty(self.spec.n_ff, layout.record_bytes, dtype=torch.uint8)  # [n_ff, record bytes]
+        for region in layout.regions:
+            with open(region.path, "rb") as f:
+                f.seek(region.offset)
+                blob = f.read(region.stride * region.count)
+            if len(blob) != region.stride * region.count:
+                raise FlashLLMError(f"layer {layer}: {region.path} is truncated; run `flashllm verify`")
+            rows[:, column:column + region.stride] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(
+                region.count, region.stride)
+            column += region.stride
+        for name, part in layout.split(rows).items():
+            tensor = part.T.contiguous() if name == "down" else part.contiguous()  # down back to [d, n_ff]
+            weights[f"layers.{layer}.{RECORD_PARTS[name]}"] = tensor.squeeze(1) if name == "up_bias" else tensor
+        return weights
+
+
+def open_bundle_source(folder: Path):
+    """A bundle as a Source, so the dense engine runs from it exactly as from the checkpoint."""
+    bundle = Bundle(folder)
+
+    def tensors():
+        def whole(tensor):
+            return lambda rows: tensor if rows is None else tensor[rows]
+
+        for name, tensor in bundle.resident_tensors():
+            yield name, tuple(tensor.shape), whole(tensor)
+        for layer in range(bundle.config.num_hidden_layers):
+            for name, tensor in bundle.dense_ffn(layer).items():
+                yield name, tuple(tensor.shape), whole(tensor)
+
+    source = Source(bundle.folder, "bundle", bundle.family, bundle.config, Tokenizer.from_folder(bundle.folder),
+                    tensors, bundle.manifest["sizes"]["total_bytes"])
+    return source
+
+
+
+
+def open_model(path: str | Path) -> Source:
+    """A bundle folder, Hugging Face folder or GGUF file, opened for streaming its tensors."""
+    path = Path(path).expanduser()
+    return open_bundle_source(path) if is_bundle(path) else open_source(path)

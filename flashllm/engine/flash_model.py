@@ -1,0 +1,201 @@
+"""A bundle opened under a DRAM budget: resident attention and head, predictors, per-layer neuron caches,
+and a model whose FFN (and untied embedding) providers read from flash. `FlashModel.open` is the one
+entry for generate, perplexity, bench and scripts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashllm.bundle.reader import Bundle
+from flashllm.disk.profile import IOProfile
+from flashllm.disk.reader import FlashReader
+from flashllm.disk.system import current_rss, kernel_read_bytes, peak_rss, release_free_heap
+from flashllm.engine.budget import BudgetPlan, plan_budget
+from flashllm.engine.cache import POLICIES, NeuronCache
+from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN
+from flashllm.engine.generate import GenerationStats, SamplingSettings, generate
+from flashllm.engine.stats import FlashStats
+from flashllm.errors import FlashLLMError
+from flashllm.models.layers import KVCache
+from flashllm.sparsity.predictors import Predictors, load_predictors
+from flashllm.units import parse_size
+
+MODES = ("predictor", "oracle", "dense")
+READ_BYTES = 128 * 1024  # the reader's largest request and per-worker chunk
+MAX_THREADS = 16  # per-layer reads are small; more threads only add staging memory
+
+@dataclass(frozen=True)
+class FlashSettings:
+    """How the engine uses flash and DRAM; presets live in configs/ (flashllm.configs)."""
+
+    window: int = 4
+    policy: str = "lru"
+    pin_fraction: float = 0.5
+    threads: int | None = None
+    mode: str = "predictor"
+    cache: bool = True  # False: no neuron cache, every needed record is read each token
+    merge_gap_bytes: int | None = None  # gaps read through when coalescing (None: from the I/O profile)
+    flash_embedding: bool = True  # read the input embedding rows from flash (untied models)
+    gate_up: str = "flash"  # "int4": gate/up from the 4-bit predictors in DRAM, only down read (split layout)
+    recall: float | None = None  # the predictors' decision cuts for this recall target (None: as trained)
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise FlashLLMError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.policy not in POLICIES:
+            raise FlashLLMError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        if self.gate_up not in ("flash", "int4"):
+            raise FlashLLMError(f"unknown --gate-up {self.gate_up!r} (flash or int4)")
+        if self.window < 1:
+            raise FlashLLMError(f"window {self.window}: must be at least 1")
+
+class FlashModel:
+    """A bundle loaded under a DRAM budget (bytes, or a size such as "50%" of the bundle or "800MiB").
+
+    `mode` is the mode that runs: "predictor" resolves to "dense" when the bundle has no predictors
+    (the caller's settings are left as they were). `thresholds` overrides the predictors' activation
+    thresholds (perplexity's calibrated ones)."""
+
+    def __init__(self, folder: Path, budget: int | str, settings: FlashSettings, max_tokens: int,
+                 prefill_tokens: int, thresholds: list[float] | None = None):
+        settings.check()
+        self.overhead_bytes = current_rss()  # Python, torch, libraries: before any weight is loaded
+        self.bundle = bundle = Bundle(folder)
+        self.settings, self.spec = settings, bundle.spec
+        L = bundle.config.num_hidden_layers
+        budget = parse_size(budget, of=bundle.manifest["sizes"]["total_bytes"], what="budget")
+        predictors = None
+        if settings.mode in ("predictor", "oracle"):  # the oracle uses the predictors' activation thresholds
+            predictors = load_predictors(bundle.folder, dtype=bundle.dtype)  # fp16 gemv is fast on CPU
+        self.mode = "dense" if settings.mode == "predictor" and predictors is None else settings.mode
+        self.predictors = predictors if self.mode == "predictor" else None
+        if self.predictors is not None and settings.recall is not None:
+            self.predictors = self.predictors.with_recall(settings.recall)
+        parts = None  # the record parts read from flash (None: all)
+        if settings.gate_up == "int4":
+            self._check_int4_gate_up(bundle, predictors)
+            parts = ("down",)
+        self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
+        record = self.layouts[0].record_bytes
+        need = None
+        if self.predictors is not None and self.predictors.window_stats:
+            stats = self.predictors.window_stats
+            k = min(settings.window, len(stats["distinct"][0])) - 1
+            need = [layer[k] for layer in stats["distinct"]]
+        # requests of 128 KiB already reach the disk's bandwidth (DESIGN.md §3); smaller staging, more cache
+        threads = settings.threads or min(IOProfile.for_path(bundle.folder).best_threads, MAX_THREADS)
+        self.reader = FlashReader(threads=threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES,
+                                  merge_gap_bytes=settings.merge_gap_bytes)
+        # the input embedding table needs one row per token: it stays on flash unless it is the LM head
+        embedding = bundle.embedding_rows() if settings.flash_embedding else None
+        resident = bundle.resident_bytes
+        if embedding is not None:
+            resident += FlashEmbedding.bytes_for(embedding[0], prefill_tokens) - embedding[0].count * embedding[0].stride
+        c = bundle.config
+        model_class = bundle.family.model
+        self.plan: BudgetPlan = plan_budget(budget, {
+            "resident weights": resident,
+            "predictors": self.predictors.nbytes if self.predictors is not None else 0,
+            "KV cache": KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, bundle.itemsize),
+            "activations": model_class.work_bytes_for(c, prefill_tokens, max_tokens),
+            "FFN work": FlashFFN.work_bytes_for(self.spec, record, prefill_tokens),
+            "reader staging": self.reader.staging_bound,
+        }, self.spec.n_ff, L, record, need, cache=settings.cache)
+        skip = ("embed.weight",) if embedding is not None else ()
+        weights = {name: tensor for name, tensor in bundle.resident_tensors(skip)}
+        self.model = model_class(c, weights, bundle.dtype)
+        self.model.limit_context(max_tokens)
+        self.thresholds = list(thresholds) if thresholds is not None else \
+            predictors.activation_thresholds if predictors is not None else [0.0] * L
+        if len(self.thresholds) != L:
+            raise FlashLLMError(f"{len(self.thresholds)} activation thresholds for a model of {L} layers")
+        self.caches = [NeuronCache(self.spec.n_ff, cap, record, settings.policy, settings.window,
+                                   settings.pin_fraction) for cap in self.plan.capacities]
+        self.ffn = FlashFFN(self.spec, self.layouts, self.caches, self.reader, self.mode, self.thresholds,
+                            self.predictors, self._load_oracle() if self.mode == "oracle" else None,
+                            estimate_gate_up=parts is not None)
+        self.model.use_ffn(self.ffn)
+        self.embedding = None
+        if embedding is not None:
+            self.embedding = FlashEmbedding(*embedding, bundle.dtype, self.reader, self.ffn.times)
+            self.model.use_embedding(self.embedding)
+        release_free_heap()  # loading left freed buffers in the C heap; the budget counts only what we keep
+
+    @classmethod
+    def open(cls, folder: Path, budget: int | str = "50%", settings: FlashSettings | None = None,
+             max_tokens: int = 512, prefill_tokens: int = 64, thresholds: list[float] | None = None) -> "FlashModel":
+        """The bundle at `folder` under `budget`, for contexts of up to `max_tokens` tokens whose longest
+        forward pass (the prompt's prefill) has `prefill_tokens` tokens."""
+        return cls(folder, budget, settings or FlashSettings(), max_tokens, prefill_tokens, thresholds)
+
+    def _check_int4_gate_up(self, bundle: Bundle, predictors: Predictors | None) -> None:
+        """gate/up from the predictors' 4-bit copy: a gated model, int4 predictors, a split layout."""
+        if not self.spec.gated:
+            raise FlashLLMError("--gate-up int4 applies to gated FFNs; a ReLU FFN's up rows are read with its down columns")
+        if self.settings.mode != "predictor" or predictors is None or predictors.kind != "int4":
+            raise FlashLLMError(f"--gate-up int4 needs int4 predictors in predictor mode; run "
+                                f"`flashllm train-predictor {bundle.folder}` (int4 is the default for gated FFNs)")
+        if bundle.layout != "split":
+            raise FlashLLMError(f"--gate-up int4 reads only down columns, which needs the split layout: "
+                                f"`flashllm convert {bundle.folder} OUT --layout split`, then train-predictor OUT "
+                                f"(or copy the predictors)")
+
+    def _load_oracle(self) -> list[dict]:
+        """Oracle mode knows each token's true active set: it keeps gate/up (and bias) of every layer
+        resident. An upper bound for the predictor, outside the budget by construction."""
+        oracle = []
+        for layer in range(self.bundle.config.num_hidden_layers):
+            dense = self.bundle.dense_ffn(layer)
+            oracle.append({k.split(".", 2)[2]: v for k, v in dense.items() if "down" not in k})
+        return oracle
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], settings: SamplingSettings, eos_ids=(), stats: FlashStats | None = None):
+        """Yield token ids like engine.generate; fills FlashStats (decode steps only in per-token figures)."""
+        stats = stats if stats is not None else FlashStats()
+        gen = GenerationStats()
+        kernel0, marks = kernel_read_bytes(), None
+        for i, token in enumerate(generate(self.model, prompt_ids, settings, eos_ids, gen,
+                                           max_context=len(prompt_ids) + settings.max_tokens)):
+            if i == 0:  # the prefill is done: per-token figures start here
+                marks = self.marks()
+                kernel0 = kernel_read_bytes()
+                stats.prefill_seconds = gen.prefill_seconds
+            yield token
+        self._finish(stats, gen, marks, kernel0)
+
+    def marks(self) -> dict:
+        """The running counters (seconds per phase, bytes, requests, neurons), for deltas."""
+        t, totals = self.ffn.times, self.reader.totals
+        return {"io": t.io, "memory": t.memory, "predictor": t.predictor, "ffn": t.ffn_compute,
+                "read": totals.bytes_read, "useful": totals.bytes_useful, "requests": totals.requests,
+                "needed": self.ffn.counters.needed, "hit": self.ffn.counters.hit}
+
+    def _finish(self, stats: FlashStats, gen: GenerationStats, marks: dict | None, kernel0: int | None) -> None:
+        now = self.marks()
+        steps = len(gen.step_seconds)
+        delta = {k: now[k] - marks[k] for k in now} if marks else {k: 0 for k in now}
+        total = gen.decode_seconds
+        kernel1 = kernel_read_bytes()
+        per = (lambda seconds: 1000 * seconds / steps) if steps else (lambda seconds: 0.0)
+        stats.budget_bytes, stats.planned_bytes = self.plan.budget_bytes, self.plan.planned_bytes
+        stats.overhead_bytes, stats.peak_rss_bytes = self.overhead_bytes, peak_rss()
+        stats.tokens = steps
+        stats.bytes_read, stats.bytes_useful, stats.requests = delta["read"], delta["useful"], delta["requests"]
+        stats.kernel_bytes_read = kernel1 - kernel0 if kernel0 is not None and kernel1 is not None else None
+        stats.neurons_needed, stats.neurons_hit = delta["needed"], delta["hit"]
+        stats.cache_hit_rate = delta["hit"] / delta["needed"] if delta["needed"] else 0.0
+        stats.ms_per_token = {"io": per(delta["io"]), "memory": per(delta["memory"]),
+                              "predictor": per(delta["predictor"]),
+                              "compute": per(total - delta["io"] - delta["memory"] - delta["predictor"]),
+                              "ffn_compute": per(delta["ffn"]), "total": per(total)}
+        stats.tokens_per_s = steps / total if total else 0.0
+        n_ff, L = self.spec.n_ff, self.bundle.config.num_hidden_layers
+        stats.sparsity = 1 - delta["needed"] / (steps * n_ff * L) if steps else 0.0
+        stats.window, stats.policy, stats.mode = self.settings.window, self.settings.policy, self.mode
+        stats.cache_share = self.plan.cache_share
+        stats.step_ms = [1000 * s for s in gen.step_seconds]
+
+    def close(self) -> None:
+        self.reader.close()

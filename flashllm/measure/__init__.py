@@ -1,0 +1,1 @@
+"""Measuring: perplexity, bench (and its worker processes), plots, memory cgroups."""
