@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from flashllm import render
+
 app = typer.Typer(help="Run language models larger than DRAM by streaming FFN neurons from flash.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 # tables, progress and logs; generated text goes to stdout. Wide when stderr is a file, so tables stay whole.
@@ -166,7 +168,7 @@ def generate(
 
             console.print(json.dumps(flash_stats.to_json()), highlight=False, soft_wrap=True, markup=False)
         elif p["stats"] == "table":
-            console.print(_stats_table(flash_stats))
+            console.print(render.stats_table(flash_stats))
 
 
 def _prompt_text(tokenizer, prompt: str, chat: bool, system: str | None) -> str:
@@ -209,22 +211,6 @@ def _bundle_for(model: str) -> Path:
     raise FlashLLMError(f"{model}: not a bundle")
 
 
-def _stats_table(s) -> "Table":
-    """The paper's per-token breakdown (Tables 2 and 3) for one run."""
-    from rich.table import Table
-
-    ms = s.ms_per_token
-    table = Table(title=f"{s.tokens} decode tokens, mode {s.mode}, policy {s.policy}, window {s.window}, "
-                        f"cache {100 * s.cache_share:.1f}% of FFN", title_justify="left")
-    for column in ("I/O ms", "memory ms", "predictor ms", "compute ms", "total ms", "MB read/token", "tokens/s",
-                   "cache hits", "peak RSS / budget + overhead"):
-        table.add_column(column, justify="right")
-    per_token_mb = s.bytes_read / s.tokens / 1e6 if s.tokens else 0.0
-    table.add_row(f"{ms['io']:.1f}", f"{ms['memory']:.1f}", f"{ms['predictor']:.1f}", f"{ms['compute']:.1f}",
-                  f"{ms['total']:.1f}", f"{per_token_mb:.1f}", f"{s.tokens_per_s:.2f}", f"{100 * s.cache_hit_rate:.1f}%",
-                  f"{s.peak_rss_bytes / 1e6:.0f} / {(s.budget_bytes + s.overhead_bytes) / 1e6:.0f} MB")
-    return table
-
 
 @app.command()
 def convert(
@@ -243,7 +229,7 @@ def convert(
         with _progress("converting") as bar:
             result = run(path, out, dtype=dtype, layout=layout, force=force, progress=bar)
         summary = bundle_info(result.out)
-        console.print(f"wrote {result.out} in {result.seconds:.1f} s: {_describe(summary)}", highlight=False)
+        console.print(f"wrote {result.out} in {result.seconds:.1f} s: {render.describe(summary)}", highlight=False)
 
 
 @app.command()
@@ -255,7 +241,7 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.")):
         summary = bundle_info(bundle)
         typer.echo(f"{summary['folder']}: {summary['model_type']} ({summary['family']}), {summary['layers']} layers, "
                    f"d {summary['d']}, FFN {summary['n_ff']}, {summary['dtype']}, {summary['layout']} layout")
-        typer.echo(_describe(summary))
+        typer.echo(render.describe(summary))
         typer.echo(f"record parts: {', '.join(f'{n}[{w}]' for n, w in summary['record_parts'])}; "
                    f"source {summary['source']['name']} ({summary['source']['size'] / 1e6:.0f} MB)")
 
@@ -324,7 +310,7 @@ def bench(
             with _progress("sweeping") as bar:
                 runs = run_sweep(folder, settings, [30, 40, 50, 60, 70, 80, 90, 100], bar, log)
             for run in runs:
-                console.print(_bench_table(run))
+                console.print(render.bench_table(run))
             report = {"sweep": runs}
             if plot:
                 plot_sweep(runs, plot)
@@ -332,39 +318,11 @@ def bench(
         else:
             with _progress("benchmarking") as bar:
                 report = run_bench(folder, settings, bar, log)
-            console.print(_bench_table(report))
+            console.print(render.bench_table(report))
         if json_file:
             json_file.write_text(json.dumps(report, indent=1))
             console.print(f"report: {json_file}", highlight=False)
 
-
-def _bench_table(report: dict):
-    """Strategies as rows, like the paper's Tables 2 and 3."""
-    from rich.table import Table
-
-    table = Table(title=f"{report['model']}: budget {report['budget_bytes'] / 1e6:,.0f} MB "
-                        f"({100 * report['budget_bytes'] / report['model_bytes']:.0f}% of {report['model_bytes'] / 1e6:,.0f} MB), "
-                        f"{report['prompts']} prompts x {report['tokens']} tokens; ms/token are medians",
-                  title_justify="left")
-    for column in ("strategy", "I/O", "memory", "predictor", "compute", "total ms", "p10-p90", "MB/token", "GB/s",
-                   "hits", "peak RSS MB", "top-1", "ppl", "note"):
-        table.add_column(column, justify="left" if column in ("strategy", "note") else "right")
-    naive = next((r for r in report["strategies"] if r["name"] == "naive" and r["tokens"]), None)
-    for r in report["strategies"]:
-        ms = r["ms_per_token"]
-        fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
-        note = r["note"]
-        if naive and r["name"] != "naive" and r["tokens"] and r["bytes_read_per_token"]:
-            note = f"{naive['bytes_read_per_token'] / r['bytes_read_per_token']:.1f}x fewer bytes" + \
-                (f", {naive['ms_per_token']['total'] / ms['total']:.1f}x faster" if ms["total"] else "") + \
-                " than naive" + (f"; {note}" if note else "")
-        table.add_row(r["name"], fmt(ms["io"]), fmt(ms["memory"]), fmt(ms["predictor"]), fmt(ms["compute"]),
-                      fmt(ms["total"]), f"{r['ms_per_token_spread']['p10']:.0f}-{r['ms_per_token_spread']['p90']:.0f}",
-                      fmt(r["bytes_read_per_token"] / 1e6), fmt(r["read_gbps"], "{:.2f}"),
-                      fmt(r["cache_hit_rate"] and 100 * r["cache_hit_rate"], "{:.0f}%"),
-                      fmt(r["peak_rss_bytes"] / 1e6, "{:.0f}"), fmt(r["top1_agreement"], "{:.3f}"),
-                      fmt(r["perplexity"], "{:.2f}"), note)
-    return table
 
 
 @app.command("train-predictor")
@@ -395,31 +353,9 @@ def train_predictor(
             result = train_predictors(bundle, corpus, tokens=tokens, rank=rank, last_rank=last_rank,
                                       sparsity=sparsity, recall=recall, context=context, eval_tokens=eval_tokens,
                                       epochs=epochs, seed=seed, progress=bar, kind=kind, group=group)
-        console.print(_predictor_table(result.report))
+        console.print(render.predictor_table(result.report))
         console.print(f"predictors written into {result.folder} in {result.seconds:.0f} s", highlight=False)
 
-
-def _predictor_table(report: dict):
-    from rich.table import Table
-
-    o = report["overall"]
-    table = Table(title=f"predictors: {o['predictor_bytes'] / 1e6:.1f} MB ({o['predictor_percent_of_model']:.1f}% of the "
-                  f"model), built in {o['train_seconds']:.0f} s", title_justify="left")
-    for column in ("layer", "rank", "true active", "predicted", "recall", "precision", "pinned", "train s"):
-        table.add_column(column, justify="right")
-    for r in report["layers"]:
-        table.add_row(str(r["layer"]), str(r["rank"] or "int4"), f"{100 * r['true_active']:.1f}%",
-                      f"{100 * r['predicted_active']:.1f}%", f"{r['recall']:.3f}", f"{r['precision']:.3f}",
-                      str(r.get("pinned", 0)), f"{r['train_seconds']:.1f}")
-    table.add_row("all", "", f"{100 * o['true_active']:.1f}%", f"{100 * o['predicted_active']:.1f}%",
-                  f"{o['recall']:.3f}", f"{o['precision']:.3f}", "", f"{o['train_seconds']:.0f}", style="bold")
-    quality = report.get("quality")
-    if quality:
-        dense = quality["dense"]["perplexity"]
-        table.caption = "held-out: " + ", ".join(
-            f"{mode} ppl {q['perplexity']:.3f} ({100 * (q['perplexity'] / dense - 1):+.1f}%, top-1 {q['top1_agreement']:.3f})"
-            for mode, q in quality.items())
-    return table
 
 
 @app.command()
@@ -468,11 +404,6 @@ def perplexity(
             for note in r.notes:
                 console.print(f"[dim]{note}[/]", highlight=False)
 
-
-def _describe(s: dict) -> str:
-    return (f"resident {s['resident_bytes'] / 1e6:.1f} MB, FFN {s['ffn_bytes'] / 1e6:.1f} MB "
-            f"({100 * s['ffn_bytes'] / s['total_bytes']:.0f}%), {s['record_bytes']} bytes per neuron record, "
-            f"padding {s['padding_bytes'] / 1e3:.1f} kB ({s['padding_percent']:.3f}%)")
 
 
 @contextlib.contextmanager

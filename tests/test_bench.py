@@ -44,8 +44,9 @@ def test_quick_bench_report_and_byte_order(bundle, tmp_path):
     assert set(rows) == {"resident", *STRATEGIES}
     for name, row in rows.items():
         assert row["tokens"] == 15, (name, row["note"])
-        for key in ("io", "memory", "compute", "total"):
-            assert row["ms_per_token"][key] >= 0
+        assert row["ms_per_token"]["total"] > 0
+        reads_flash = name not in ("resident", "page-cache")
+        assert (row["ms_per_token"]["io"] > 0) == reads_flash, name  # the resident model does no I/O
         for key in ("bytes_read_per_token", "read_gbps", "cache_hit_rate", "peak_rss_bytes", "top1_agreement",
                     "perplexity"):
             assert key in row
@@ -55,7 +56,8 @@ def test_quick_bench_report_and_byte_order(bundle, tmp_path):
     assert read["int4-gate-up"] < read["predictor+window"] / 2
     assert default_strategies(bundle) == STRATEGIES  # int4 predictors on a gated FFN: all of them
     assert rows["oracle"]["top1_agreement"] == 1.0 or rows["oracle"]["top1_agreement"] > 0.9
-    assert rows["naive"]["top1_agreement"] == 1.0
+    assert rows["naive"]["top1_agreement"] == 1.0  # every neuron read from flash: the resident model's argmax
+    assert rows["naive"]["perplexity"] == pytest.approx(rows["resident"]["perplexity"], rel=1e-3)
 
 
 def test_cli_bench_quick_json(bundle, tmp_path):

@@ -135,7 +135,7 @@ def test_train_predictor_writes_a_reloadable_bundle_entry(trained):
                                                   "predictor_percent_of_model", "train_seconds"}
     quality = settings["report"]["quality"]
     assert set(quality) == {"dense", "oracle", "predictor"}
-    assert quality["dense"]["top1_agreement"] == 1.0
+    assert quality["oracle"]["kl_divergence"] > 0  # at sparsity 0.5 the oracle is not the dense model
     assert not list(bundle.glob("*.tmp-*"))
 
     loaded = load_predictors(bundle)

@@ -49,4 +49,8 @@ def test_pull_replaces_a_damaged_wheel(monkeypatch, temp_home):
 
 def test_known_names():
     assert {"smollm2-135m", "qwen2.5-coder-1.5b"} <= set(hub.KNOWN_MODELS)
-    assert len(hub.KNOWN_MODELS["qwen2.5-coder-1.5b"].packages) == 22
+    qwen = hub.KNOWN_MODELS["qwen2.5-coder-1.5b"]
+    # the pieces are concatenated in package order: part1 .. part22, each holding its own numbered piece
+    for i, (package, _, member) in enumerate(qwen.packages, 1):
+        assert package.endswith(f"part{i}") and member.endswith(f"part{i:02d}.bin")
+    assert len({package for package, _, _ in qwen.packages}) == len(qwen.packages)

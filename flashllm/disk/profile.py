@@ -14,7 +14,7 @@ from flashllm.disk.system import MiB
 from flashllm.errors import FlashLLMError
 from flashllm.paths import home
 
-# DESIGN.md §3: random O_DIRECT reads on the reference machine (ext4 on virtio), MB/s.
+# docs/DESIGN.md §3: random O_DIRECT reads on the reference machine (ext4 on virtio), MB/s.
 DEFAULT_TABLE: dict[int, dict[int, float]] = {
     4096: {1: 54.0, 16: 200.0, 32: 192.0},
     16384: {1: 205.0, 16: 508.0, 32: 538.0},
@@ -47,7 +47,7 @@ class IOProfile:
     """Measured random-read throughput, {chunk_bytes: {threads: MB/s}}, and the cost model from it.
 
     The cost of a request of n bytes is modelled as `request_seconds + n / bytes_per_second`
-    (DESIGN.md §3: time ~ max(reads / 50k per s, bytes / 1 GB/s) with >= 16 threads).
+    (docs/DESIGN.md §3: time ~ max(reads / 50k per s, bytes / 1 GB/s) with >= 16 threads).
     """
 
     table: dict[int, dict[int, float]]
@@ -137,7 +137,7 @@ class IOProfile:
 
     @classmethod
     def default(cls) -> IOProfile:
-        """DESIGN.md §3's measurements, used where this device has not been benchmarked."""
+        """docs/DESIGN.md §3's measurements, used where this device has not been benchmarked."""
         return cls(table=DEFAULT_TABLE, source="default")
 
     @classmethod

@@ -177,7 +177,7 @@ class FlashReader:
     """Reads records of `RecordRegion`s from flash into caller-provided matrices.
 
     threads: worker threads (default: the profile's best_threads). profile: the cost model for
-    coalescing (default: the saved profile of the device holding the first file read, else DESIGN.md's
+    coalescing (default: the saved profile of the device holding the first file read, else docs/DESIGN.md's
     numbers). direct: bypass the page cache (O_DIRECT). merge_gap_bytes overrides the profile's gap
     threshold (0 = never read through a gap). max_request_bytes caps one read; chunk_bytes caps a
     worker's staging per chunk (staging memory ~ threads * (chunk_bytes + max_request_bytes));

@@ -1,6 +1,6 @@
 """NeuronCache: one layer's neuron records held in DRAM, preallocated, updated in place.
 
-As in the paper (DESIGN.md §1): a matrix [capacity, record bytes], `pointer` (neuron id per slot) and
+As in the paper (docs/DESIGN.md §1): a matrix [capacity, record bytes], `pointer` (neuron id per slot) and
 `num_used`. Insert appends at num_used; delete moves the last used rows into the holes (O(rows
 deleted)); compute uses matrix[:num_used] directly. On gated models the union of a window of active
 sets exceeds any useful capacity, so an eviction policy decides what stays:

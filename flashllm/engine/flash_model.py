@@ -83,7 +83,7 @@ class FlashModel:
             stats = self.predictors.window_stats
             k = min(settings.window, len(stats["distinct"][0])) - 1
             need = [layer[k] for layer in stats["distinct"]]
-        # requests of 128 KiB already reach the disk's bandwidth (DESIGN.md §3); smaller staging, more cache
+        # requests of 128 KiB already reach the disk's bandwidth (docs/DESIGN.md §3); smaller staging, more cache
         threads = settings.threads or min(IOProfile.for_path(bundle.folder).best_threads, MAX_THREADS)
         self.reader = FlashReader(threads=threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES,
                                   merge_gap_bytes=settings.merge_gap_bytes)

@@ -1,0 +1,74 @@
+"""The rich tables the CLI prints (the paper's per-token breakdowns, bench rows, predictor reports)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def stats_table(s) -> Table:
+    """The paper's per-token breakdown (Tables 2 and 3) for one run."""
+    ms = s.ms_per_token
+    table = Table(title=f"{s.tokens} decode tokens, mode {s.mode}, policy {s.policy}, window {s.window}, "
+                        f"cache {100 * s.cache_share:.1f}% of FFN", title_justify="left")
+    for column in ("I/O ms", "memory ms", "predictor ms", "compute ms", "total ms", "MB read/token", "tokens/s",
+                   "cache hits", "peak RSS / budget + overhead"):
+        table.add_column(column, justify="right")
+    per_token_mb = s.bytes_read / s.tokens / 1e6 if s.tokens else 0.0
+    table.add_row(f"{ms['io']:.1f}", f"{ms['memory']:.1f}", f"{ms['predictor']:.1f}", f"{ms['compute']:.1f}",
+                  f"{ms['total']:.1f}", f"{per_token_mb:.1f}", f"{s.tokens_per_s:.2f}", f"{100 * s.cache_hit_rate:.1f}%",
+                  f"{s.peak_rss_bytes / 1e6:.0f} / {(s.budget_bytes + s.overhead_bytes) / 1e6:.0f} MB")
+    return table
+
+
+def bench_table(report: dict) -> Table:
+    """Strategies as rows, like the paper's Tables 2 and 3."""
+    table = Table(title=f"{report['model']}: budget {report['budget_bytes'] / 1e6:,.0f} MB "
+                        f"({100 * report['budget_bytes'] / report['model_bytes']:.0f}% of {report['model_bytes'] / 1e6:,.0f} MB), "
+                        f"{report['prompts']} prompts x {report['tokens']} tokens; ms/token are medians",
+                  title_justify="left")
+    for column in ("strategy", "I/O", "memory", "predictor", "compute", "total ms", "p10-p90", "MB/token", "GB/s",
+                   "hits", "peak RSS MB", "top-1", "ppl", "note"):
+        table.add_column(column, justify="left" if column in ("strategy", "note") else "right")
+    naive = next((r for r in report["strategies"] if r["name"] == "naive" and r["tokens"]), None)
+    for r in report["strategies"]:
+        ms = r["ms_per_token"]
+        fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
+        note = r["note"]
+        if naive and r["name"] != "naive" and r["tokens"] and r["bytes_read_per_token"]:
+            note = f"{naive['bytes_read_per_token'] / r['bytes_read_per_token']:.1f}x fewer bytes" + \
+                (f", {naive['ms_per_token']['total'] / ms['total']:.1f}x faster" if ms["total"] else "") + \
+                " than naive" + (f"; {note}" if note else "")
+        table.add_row(r["name"], fmt(ms["io"]), fmt(ms["memory"]), fmt(ms["predictor"]), fmt(ms["compute"]),
+                      fmt(ms["total"]), f"{r['ms_per_token_spread']['p10']:.0f}-{r['ms_per_token_spread']['p90']:.0f}",
+                      fmt(r["bytes_read_per_token"] / 1e6), fmt(r["read_gbps"], "{:.2f}"),
+                      fmt(r["cache_hit_rate"] and 100 * r["cache_hit_rate"], "{:.0f}%"),
+                      fmt(r["peak_rss_bytes"] / 1e6, "{:.0f}"), fmt(r["top1_agreement"], "{:.3f}"),
+                      fmt(r["perplexity"], "{:.2f}"), note)
+    return table
+
+
+def predictor_table(report: dict) -> Table:
+    o = report["overall"]
+    table = Table(title=f"predictors: {o['predictor_bytes'] / 1e6:.1f} MB ({o['predictor_percent_of_model']:.1f}% of the "
+                  f"model), built in {o['train_seconds']:.0f} s", title_justify="left")
+    for column in ("layer", "rank", "true active", "predicted", "recall", "precision", "pinned", "train s"):
+        table.add_column(column, justify="right")
+    for r in report["layers"]:
+        table.add_row(str(r["layer"]), str(r["rank"] or "int4"), f"{100 * r['true_active']:.1f}%",
+                      f"{100 * r['predicted_active']:.1f}%", f"{r['recall']:.3f}", f"{r['precision']:.3f}",
+                      str(r.get("pinned", 0)), f"{r['train_seconds']:.1f}")
+    table.add_row("all", "", f"{100 * o['true_active']:.1f}%", f"{100 * o['predicted_active']:.1f}%",
+                  f"{o['recall']:.3f}", f"{o['precision']:.3f}", "", f"{o['train_seconds']:.0f}", style="bold")
+    quality = report.get("quality")
+    if quality:
+        dense = quality["dense"]["perplexity"]
+        table.caption = "held-out: " + ", ".join(
+            f"{mode} ppl {q['perplexity']:.3f} ({100 * (q['perplexity'] / dense - 1):+.1f}%, top-1 {q['top1_agreement']:.3f})"
+            for mode, q in quality.items())
+    return table
+
+
+def describe(s: dict) -> str:
+    return (f"resident {s['resident_bytes'] / 1e6:.1f} MB, FFN {s['ffn_bytes'] / 1e6:.1f} MB "
+            f"({100 * s['ffn_bytes'] / s['total_bytes']:.0f}%), {s['record_bytes']} bytes per neuron record, "
+            f"padding {s['padding_bytes'] / 1e3:.1f} kB ({s['padding_percent']:.3f}%)")
