@@ -40,15 +40,14 @@ def _with_config(ctx: typer.Context, config: str | None, command: str, flash: bo
     """This command's parameters with a --config file's [command] values (and [flash] values that name an
     option) where the command line left the option at its default; plus the [flash] values that have no
     option of their own (FlashSettings fields such as pin_fraction)."""
-    from click.core import ParameterSource
-
     from flashllm.configs import load_config, section
 
     params = dict(ctx.params)
     if config is None:
         return params, {}
     preset = load_config(config)
-    unset = lambda key: ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None)  # noqa: E731
+    # by name: typer may carry its own copy of click, whose ParameterSource is another class
+    unset = lambda key: getattr(ctx.get_parameter_source(key), "name", "DEFAULT") == "DEFAULT"  # noqa: E731
     for key, value in section(preset, command, set(params) - {"config"}).items():
         if unset(key):
             params[key] = value
