@@ -64,7 +64,7 @@ class GGUFTensor:
     row_bytes: int
 
     @classmethod
-    def from_reader(cls, path: Path, t) -> "GGUFTensor":
+    def from_reader(cls, path: Path, t) -> GGUFTensor:
         from gguf.constants import GGML_QUANT_SIZES
 
         dims = [int(n) for n in t.shape]  # ne0 first
