@@ -1,0 +1,217 @@
+"""Quantized weight rows, in groups of 32 values along each row, for DRAM caches and flash records.
+
+Two kinds:
+- int4: codes q in 0..15, two per byte as plain nibbles (value 2j in the low half of byte j, 2j + 1 in
+  the high half), and per group a float16 scale and a float16 min: w = q * scale + min. GGUF's Q4_0,
+  Q4_1 and Q4_K grids land on it without rounding the codes (sources/gguf_quant.py).
+- int8: int8 codes and per group a float16 scale, symmetric: w = q * scale. Q8_0 and Q5_0 land on it
+  exactly.
+
+The record form keeps each row self-contained, [codes | scales (| mins)] back to back, so a neuron's
+record carries its own scales inline and one read returns everything needed to compute on it. Nothing
+here knows about files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flashllm.errors import FlashLLMError
+
+GROUP = 32  # values per scale (and min): GGUF's block of the 4/5/8-bit types
+KINDS = ("int4", "int8")
+BLOCK_ROWS = 1024  # rows expanded to float at a time when computing (Qwen, k=1536: 6 MB of float32)
+
+
+@dataclass
+class QRows:
+    """n quantized rows of k values. int4: `codes` [n, k/2] uint8, `mins` [n, k/32] float16; int8:
+    `codes` [n, k] int8, `mins` None. `scales` [n, k/32] float16. The tensors may be views of records."""
+
+    kind: str
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.scales.shape[1] * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * row_bytes(self.kind, self.k)
+
+    def __getitem__(self, rows: slice) -> QRows:
+        mins = self.mins[rows] if self.mins is not None else None
+        return QRows(self.kind, self.codes[rows], self.scales[rows], mins)
+
+
+def _check(kind: str, k: int) -> None:
+    if kind not in KINDS:
+        raise FlashLLMError(f"quantized row kind {kind!r} is not supported (supported: {', '.join(KINDS)})")
+    if k % GROUP:
+        raise FlashLLMError(f"rows of {k} values cannot be quantized in groups of {GROUP}")
+
+
+def code_bytes(kind: str, k: int) -> int:
+    return k // 2 if kind == "int4" else k
+
+
+def row_bytes(kind: str, k: int) -> int:
+    """Bytes of one row in record form: int4 0.625 bytes a value (5 bits), int8 1.0625 (8.5 bits)."""
+    _check(kind, k)
+    groups = k // GROUP
+    return code_bytes(kind, k) + groups * 2 * (2 if kind == "int4" else 1)
+
+
+def quantize_rows(w: torch.Tensor, kind: str) -> QRows:
+    """w [n, k] float -> QRows. int4: min/max per group; int8: max |w| per group. Scale and min are
+    rounded to float16 first and the codes chosen against the stored values, so every value is within
+    half a step (plus the float16 rounding of the min) of w."""
+    n, k = w.shape
+    _check(kind, k)
+    wg = w.float().reshape(n, k // GROUP, GROUP)  # [n, G, 32]
+    if kind == "int4":
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        mins = lo.to(torch.float16)
+        scale = ((hi - mins.float()) / 15).to(torch.float16)
+        step = torch.where(scale > 0, scale.float(), torch.ones_like(hi))
+        q = torch.round((wg - mins.float()) / step).clamp_(0, 15).to(torch.uint8).view(n, k)
+        codes = q[:, 0::2] | (q[:, 1::2] << 4)
+        return QRows("int4", codes.contiguous(), scale.view(n, -1), mins.view(n, -1))
+    amax = wg.abs().amax(-1, keepdim=True)
+    scale = (amax / 127).to(torch.float16)
+    step = torch.where(scale > 0, scale.float(), torch.ones_like(amax))
+    q = torch.round(wg / step).clamp_(-127, 127).to(torch.int8).view(n, k)
+    return QRows("int8", q, scale.view(n, -1))
+
+
+def unpack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[n, k/2] uint8 plain nibbles -> [n, k] uint8 codes 0..15."""
+    return torch.stack((codes & 0x0F, codes >> 4), -1).view(codes.shape[0], -1)
+
+
+def dequantize_rows(q: QRows, out: torch.Tensor | None = None) -> torch.Tensor:
+    """QRows -> [n, k] float32 (into `out`'s first n rows when given, to reuse one buffer per block)."""
+    n, k = q.n, q.k
+    out = out[:n] if out is not None else torch.empty(n, k, dtype=torch.float32)
+    if q.kind == "int4":  # the nibbles straight into the even and odd columns (2x faster than unpacking)
+        pairs = out.view(n, k // 2, 2)
+        pairs[..., 0].copy_(q.codes & 0x0F)
+        pairs[..., 1].copy_(q.codes >> 4)
+    else:
+        out.view(n, -1, GROUP).copy_(q.codes.view(n, -1, GROUP))  # int8 -> float32
+    og = out.view(n, -1, GROUP)
+    og.mul_(q.scales.float().unsqueeze(-1))
+    if q.mins is not None:
+        og.add_(q.mins.float().unsqueeze(-1))
+    return out
+
+
+# -- record form ------------------------------------------------------------------------------------
+
+def to_records(q: QRows) -> torch.Tensor:
+    """QRows -> [n, row_bytes] uint8: per row [codes | scales (| mins)], float16 little-endian."""
+    parts = [q.codes.view(torch.uint8), q.scales.contiguous().view(torch.uint8)]
+    if q.mins is not None:
+        parts.append(q.mins.contiguous().view(torch.uint8))
+    return torch.cat(parts, 1)
+
+
+def _as(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    try:
+        return part.view(dtype)  # a view when the offsets and the row stride are even
+    except RuntimeError:
+        return part.contiguous().view(dtype)
+
+
+def from_records(records: torch.Tensor, kind: str, k: int) -> QRows:
+    """[n, row_bytes] uint8 (any row stride, e.g. a column range of wider neuron records) -> QRows whose
+    tensors are views of those bytes (copied only where an odd byte offset forbids a float16 view)."""
+    width = row_bytes(kind, k)
+    if records.dtype != torch.uint8 or records.dim() != 2 or records.shape[1] != width:
+        raise FlashLLMError(f"{kind} records of {k} values must be [n, {width}] uint8, got "
+                            f"{list(records.shape)} {records.dtype}")
+    c, g = code_bytes(kind, k), k // GROUP
+    codes = records[:, :c] if kind == "int4" else _as(records[:, :c], torch.int8)
+    scales = _as(records[:, c:c + 2 * g], torch.float16)
+    mins = _as(records[:, c + 2 * g:c + 4 * g], torch.float16) if kind == "int4" else None
+    return QRows(kind, codes, scales, mins)
+
+
+# -- computing on quantized rows: a block of rows expanded at a time ---------------------------------
+
+def project(x: torch.Tensor, q: QRows, block: int = BLOCK_ROWS, work: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, k] -> x @ W.T [M, n] float32 (gate/up coefficients of n neurons). `work`: a reusable
+    [>= block, k] float32 buffer."""
+    x = x.float()
+    work = work if work is not None else torch.empty(min(block, q.n), q.k)
+    y = torch.empty(x.shape[0], q.n)
+    for start in range(0, q.n, block):
+        w = dequantize_rows(q[start:start + block], work)  # [b, k]
+        torch.mm(x, w.T, out=y[:, start:start + w.shape[0]])
+    return y
+
+
+def combine(a: torch.Tensor, q: QRows, block: int = BLOCK_ROWS, work: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, n] -> a @ W [M, k] float32 (the FFN output as a weighted sum of n down columns)."""
+    a = a.float()
+    work = work if work is not None else torch.empty(min(block, q.n), q.k)
+    y = torch.zeros(a.shape[0], q.k)
+    for start in range(0, q.n, block):
+        w = dequantize_rows(q[start:start + block], work)  # [b, k]
+        y.addmm_(a[:, start:start + w.shape[0]], w)
+    return y
+
+
+# -- torch's CPU kernels, for resident matrices (attention, LM head) ----------------------------------
+
+def to_int4_kernel(q: QRows, prepare: bool = True):
+    """int4 QRows -> flashllm.quant.Int4Matrix in the layout of torch's `_weight_int4pack_mm_for_cpu`
+    (same codes; bfloat16 scale and zero z = min + 8 * scale, since the kernel computes (q - 8) * s + z).
+    The bfloat16 rounding of s and z costs up to 2^-9 of each: measured in scripts/quant_error.py."""
+    from flashllm.quant import _ROW_BLOCK, Int4Matrix
+
+    if q.kind != "int4":
+        raise FlashLLMError(f"the int4 kernel needs int4 rows, not {q.kind}")
+    n, pad = q.n, -q.n % _ROW_BLOCK  # the kernel packs rows in blocks of 64: zero rows pad the tail
+    scale, low = q.scales.float(), q.mins.float()  # [n, G]
+    sz = torch.stack([scale, low + 8 * scale], -1).to(torch.bfloat16)  # [n, G, 2]
+    codes = q.codes
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+        sz = torch.cat([sz, sz.new_zeros(pad, *sz.shape[1:])])
+    m = Int4Matrix(codes.contiguous(), sz.transpose(0, 1).contiguous(), n, GROUP)
+    return m.prepare() if prepare else m
+
+
+@dataclass
+class Int8ChannelMatrix:
+    """W [n, k] as int8 codes with ONE float32 scale per row, the form of torch's `_weight_int8pack_mm`.
+    Our rows carry a scale per 32 values, which that kernel cannot take, so building this requantizes
+    (lossy: one outlier widens the step of its whole row)."""
+
+    codes: torch.Tensor  # [n, k] int8
+    scales: torch.Tensor  # [n] float32
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, k] -> x @ W.T [M, n] float32."""
+        return torch.ops.aten._weight_int8pack_mm(x.float().contiguous(), self.codes, self.scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scales.unsqueeze(1)
+
+
+def to_int8_kernel(q: QRows | torch.Tensor) -> Int8ChannelMatrix:
+    """QRows (either kind) or float rows [n, k] -> Int8ChannelMatrix (per-row symmetric, max |w| / 127)."""
+    w = q if isinstance(q, torch.Tensor) else dequantize_rows(q)
+    w = w.float()
+    scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [n]
+    codes = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return Int8ChannelMatrix(codes, scale)
