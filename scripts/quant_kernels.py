@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from flashllm import quant
+from flashllm.models import quant
 from flashllm.models import qrows
 
 COMPUTE_ROWS = 1024  # flashllm/sparse.py's block

@@ -9,7 +9,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import quantize
 
-from flashllm import quant
+from flashllm.models import quant
 from flashllm.errors import FlashLLMError
 from flashllm.models import qrows
 from flashllm.models.qrows import GROUP

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from flashllm.errors import FlashLLMError
+from flashllm.models.quant import _ROW_BLOCK, Int4Matrix
 
 GROUP = 32  # values per scale (and min): GGUF's block of the 4/5/8-bit types
 KINDS = ("int4", "int8")
@@ -173,11 +174,9 @@ def combine(a: torch.Tensor, q: QRows, block: int = BLOCK_ROWS, work: torch.Tens
 # -- torch's CPU kernels, for resident matrices (attention, LM head) ----------------------------------
 
 def to_int4_kernel(q: QRows, prepare: bool = True):
-    """int4 QRows -> flashllm.quant.Int4Matrix in the layout of torch's `_weight_int4pack_mm_for_cpu`
+    """int4 QRows -> flashllm.models.quant.Int4Matrix in the layout of torch's `_weight_int4pack_mm_for_cpu`
     (same codes; bfloat16 scale and zero z = min + 8 * scale, since the kernel computes (q - 8) * s + z).
     The bfloat16 rounding of s and z costs up to 2^-9 of each: measured in scripts/quant_error.py."""
-    from flashllm.quant import _ROW_BLOCK, Int4Matrix
-
     if q.kind != "int4":
         raise FlashLLMError(f"the int4 kernel needs int4 rows, not {q.kind}")
     n, pad = q.n, -q.n % _ROW_BLOCK  # the kernel packs rows in blocks of 64: zero rows pad the tail
