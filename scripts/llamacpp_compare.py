@@ -1,8 +1,11 @@
-"""The peer comparison: llama.cpp (mmap, page cache) vs flashllm on Qwen2.5-Coder-1.5B in fp16, both held
-by the kernel to the same kind of memory cgroup cap.
+"""The peer comparison: llama.cpp (mmap, page cache) vs flashllm on Qwen2.5-Coder-1.5B, both held by the
+kernel to the same kind of memory cgroup cap. Two modes: fp16 (the default) and --gguf-direct (the
+quantized Q4_K_M file itself).
 
     python scripts/llamacpp_compare.py [--tokens 32] [--prompt TEXT] [--budget-percent 50]
                                        [--bundle PATH] [--skip-build] [--threads 2]
+    python scripts/llamacpp_compare.py --gguf-direct [--caps 50,75,full] [--rounds 2] [--gguf PATH]
+                                       [--flashllm-bundle PATH --flashllm-args "..."]
 
 Steps (idempotent; everything built lives under $FLASHLLM_HOME/llamacpp, default ~/.cache/flashllm/llamacpp):
 1. llama.cpp from the llama-cpp-python sdist on PyPI (it vendors upstream llama.cpp), cmake + ninja,
@@ -20,6 +23,23 @@ what reached the block device, mmap page faults included). The script samples it
 notes the value when the first generated token reaches stdout (prompt echo off), and reads the final
 value from the zombie before reaping it (waitid WNOWAIT). Decode bytes per token = (final - at first
 token) / eval runs reported by llama.cpp. flashllm's numbers come from its --stats json line.
+
+--gguf-direct (alias --quantized): no F16 conversion; llama.cpp runs on the pulled Q4_K_M GGUF (1.12 GB)
+at each cap of --caps, percentages of the GGUF file size: a memory cgroup of pct% of the file + 300 MiB,
+the file dropped from the page cache before every run; `full` = no cap (still run in a cgroup, limited
+to the machine's RAM, only to read its peak). 2 threads, greedy, same prompt and token count. Reported
+per run: decode tokens/s, bytes read per decode token (read_bytes, as above) and the cgroup's peak.
+llama.cpp runs with --no-repack here: its CPU backend otherwise repacks Q4 weights into interleaved
+copies at load, and on the project's VMs whose CPU advertises AMX (the VM faults on it) that crashes
+at warm-up. (On an AVX2-only AMD EPYC VM repacking ran without a crash.) The flag stays on everywhere:
+repacking also moves the weights out of the mmap'd file into anonymous memory, which is not the
+page-cache peer this compares against. --allow-repack drops the flag.
+With --flashllm-bundle PATH, every llama.cpp run is followed (odd rounds; preceded on even rounds, so
+drift hits both) by `python -m flashllm generate PATH PROMPT --dram-budget B -n TOKENS --stats json
+[--flashllm-args ...]` under the same cgroup cap, B = the cap - flashllm's fixed overhead (measured
+once by an uncapped 1-token run, the overhead_bytes of its stats line); at `full`, --dram-budget 100%
+and no cap. The bundle's files are dropped from the page cache before each of its runs too. Ends with
+a table of both, side by side, per cap and round, and the median ratio per cap.
 """
 
 from __future__ import annotations
@@ -28,6 +48,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -257,6 +278,10 @@ class Result:
     bytes_per_token: float | None = None
     tokens: int | None = None
     note: str = ""
+    peak_bytes: int | None = None  # the cgroup's peak
+    budget_bytes: int | None = None  # flashllm's --dram-budget
+    round: int = 1
+    label: str = ""  # the cap as asked for: "50%", "full"
 
 
 def parse_llama_timings(stderr: str) -> dict:
@@ -274,12 +299,13 @@ def parse_llama_timings(stderr: str) -> dict:
     return found
 
 
-def llama_cmd(binary: Path, model: Path, prompt: str, tokens: int, threads: int) -> list[str]:
+def llama_cmd(binary: Path, model: Path, prompt: str, tokens: int, threads: int,
+              extra: tuple[str, ...] = ()) -> list[str]:
     # A small context and batch: llama.cpp would otherwise size its KV cache for 32k tokens (~0.9 GB)
     # and its compute buffer for 512-token batches, memory that would crowd out its page cache under the cap.
     cmd = [str(binary), "-m", str(model), "-p", prompt, "-n", str(tokens), "-t", str(threads), "-tb", str(threads),
            "-c", "512", "-b", "64", "-ub", "64", "--temp", "0", "--seed", "0", "--ignore-eos",
-           "--no-display-prompt"]
+           "--no-display-prompt", *extra]
     if binary.name == "llama-completion" or _has_option(binary, "-no-cnv"):
         cmd.append("-no-cnv")
     return cmd
@@ -297,17 +323,20 @@ def warm_file(path: Path) -> None:
             pass
 
 
-def run_llama(binary: Path, model: Path, args, cap: int | None) -> Result:
-    cmd = llama_cmd(binary, model, args.prompt, args.tokens, args.threads)
-    if cap is None:
+def run_llama(binary: Path, model: Path, args, cap: int | None, name: str = "llama.cpp F16 (mmap)",
+              extra: tuple[str, ...] = (), warm: bool | None = None, cgroup_limit: int | None = None) -> Result:
+    """One llama.cpp run. cap: the memory cgroup limit (None: none). warm: read the file into the page
+    cache first (default: when uncapped) or drop it. cgroup_limit: run in a cgroup of this limit even
+    when cap is None (to read the peak of an uncapped run)."""
+    cmd = llama_cmd(binary, model, args.prompt, args.tokens, args.threads, extra)
+    if warm if warm is not None else cap is None:
         warm_file(model)
     else:
         drop_file_cache(model)
-    w = watch(cmd, cap, args.timeout)
-    name = "llama.cpp F16 (mmap)"
+    w = watch(cmd, cap if cap is not None else cgroup_limit, args.timeout)
     if w.returncode != 0:
         why = "OOM-killed" if w.oom else f"exit {w.returncode}"
-        return Result(name, cap, False, note=f"{why}: {w.stderr.strip()[-300:]}")
+        return Result(name, cap, False, note=f"{why}: {w.stderr.strip()[-300:]}", peak_bytes=w.peak_bytes)
     t = parse_llama_timings(w.stderr)
     decode = t.get("decode")
     if not decode:
@@ -320,7 +349,7 @@ def run_llama(binary: Path, model: Path, args, cap: int | None) -> Result:
         note += f"; cgroup peak {w.peak_bytes / 1e6:.0f} MB"
     if args.verbose:
         say(f"--- {name}, cap {cap}: stdout\n{w.stdout.strip()}\n--- stderr tail\n{w.stderr.strip()[-1500:]}")
-    return Result(name, cap, True, decode["tokens_per_s"], per_token, decode["runs"] + 1, note)
+    return Result(name, cap, True, decode["tokens_per_s"], per_token, decode["runs"] + 1, note, w.peak_bytes)
 
 
 # ---------------------------------------------------------------- flashllm
@@ -358,6 +387,203 @@ def run_flashllm(bundle: Path, budget: int, args, gate_up: str = "flash") -> tup
     return free_result, Result(name, limit, True, c["tokens_per_s"], c["bytes_read_per_token"], c["tokens"], note)
 
 
+# ---------------------------------------------------------------- --gguf-direct: the quantized file itself
+
+
+def stats_line(stderr: str) -> dict | None:
+    """The last JSON object line of a `--stats json` stderr."""
+    for line in reversed(stderr.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def parse_caps(text: str) -> list[float | None]:
+    """"50,75,full" -> [50.0, 75.0, None]; None = no cap."""
+    caps = []
+    for part in text.split(","):
+        part = part.strip().rstrip("%").lower()
+        if part in ("full", "none", "nocap", "100+"):
+            caps.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise SystemExit(f"--caps: {part!r} is neither a percentage nor 'full'")
+        if value <= 0:
+            raise SystemExit(f"--caps: {value:g}% is not a cap")
+        caps.append(value)
+    if not caps:
+        raise SystemExit("--caps: no caps")
+    return caps
+
+
+def cap_label(pct: float | None) -> str:
+    return "full" if pct is None else f"{pct:g}%"
+
+
+def machine_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def drop_bundle_cache(bundle: Path) -> None:
+    for path in [bundle] if bundle.is_file() else bundle.rglob("*"):
+        if path.is_file():
+            drop_file_cache(path)
+
+
+def flashllm_cmd(bundle: Path, args, budget: str, tokens: int | None = None) -> list[str]:
+    return [sys.executable, "-m", "flashllm", "generate", str(bundle), args.prompt, "--dram-budget", budget,
+            "-n", str(tokens or args.tokens), "--stats", "json", *shlex.split(args.flashllm_args or "")]
+
+
+def flashllm_overhead(bundle: Path, args) -> tuple[int | None, str]:
+    """flashllm's fixed overhead (RSS before any weight: Python, torch, libraries), from an uncapped
+    1-token run; (bytes or None, why not)."""
+    cmd = flashllm_cmd(bundle, args, "100%", tokens=1)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+    s = stats_line(result.stderr) if result.returncode == 0 else None
+    if not s or "overhead_bytes" not in s:
+        return None, f"exit {result.returncode}: {result.stderr.strip()[-300:]}"
+    return int(s["overhead_bytes"]), ""
+
+
+def run_flashllm_direct(bundle: Path, args, cap: int | None, overhead: int) -> Result:
+    """flashllm generate under the same cgroup cap as llama.cpp, --dram-budget = cap - overhead
+    (uncapped: 100%, in a cgroup of the machine's RAM only to read the peak)."""
+    name = "flashllm"
+    budget = None if cap is None else cap - overhead
+    if budget is not None and budget <= 0:
+        return Result(name, cap, False, note=f"cap {cap / 1e6:.0f} MB <= overhead {overhead / 1e6:.0f} MB")
+    cmd = flashllm_cmd(bundle, args, "100%" if budget is None else str(budget))
+    drop_bundle_cache(bundle)
+    w = watch(cmd, cap if cap is not None else machine_ram(), args.timeout)
+    if w.returncode != 0:
+        why = "OOM-killed" if w.oom else f"exit {w.returncode}"
+        return Result(name, cap, False, note=f"{why}: {w.stderr.strip()[-300:]}", peak_bytes=w.peak_bytes,
+                      budget_bytes=budget)
+    c = stats_line(w.stderr)
+    if not c:
+        return Result(name, cap, False, note="no --stats json line", peak_bytes=w.peak_bytes, budget_bytes=budget)
+    tokens = c.get("tokens") or 0
+    kernel = c.get("kernel_bytes_read")
+    note = ", ".join(part for part in (
+        f"mode {c['mode']}" if "mode" in c else "",
+        f"policy {c['policy']}" if "policy" in c else "",
+        f"budget {c['budget_bytes'] / 1e6:.0f} MB" if c.get("budget_bytes") else "",
+        f"overhead {overhead / 1e6:.0f} MB",
+        f"peak RSS {c['peak_rss_bytes'] / 1e6:.0f} MB" if c.get("peak_rss_bytes") else "",
+        f"kernel read {kernel / max(tokens, 1) / 1e6:.1f} MB/token" if kernel is not None else "",
+    ) if part)
+    if args.verbose:
+        say(f"--- flashllm, cap {fmt_cap(cap)}: stdout\n{w.stdout.strip()}")
+    return Result(name, cap, True, c.get("tokens_per_s"), c.get("bytes_read_per_token"), tokens, note,
+                  w.peak_bytes, budget if budget is not None else c.get("budget_bytes"))
+
+
+def median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def main_direct(args, binary: Path) -> int:
+    gguf = args.gguf or resolve(MODEL, progress=say)
+    size = gguf.stat().st_size
+    caps = parse_caps(args.caps)
+    extra = () if args.allow_repack else ("--no-repack",)
+    if extra and not _has_option(binary, "--no-repack"):
+        raise SystemExit(f"{binary} has no --no-repack option (a newer llama.cpp is needed)")
+    llama_name = f"llama.cpp {gguf.stem.rsplit('.', 1)[-1]} (mmap)"
+    bundle = args.flashllm_bundle
+    say(f"GGUF {gguf} = {size / 1e6:.0f} MB, read directly (no F16 conversion); llama.cpp flags: "
+        f"{' '.join(extra) or '(repacking allowed)'}")
+    limits = {}
+    for pct in caps:
+        limits[cap_label(pct)] = None if pct is None else int(size * pct / 100) + 300 * MiB
+        say(f"  cap {cap_label(pct):>5}: " + ("no cap" if pct is None else
+            f"{pct:g}% of the file + 300 MiB = {limits[cap_label(pct)] / 1e6:.0f} MB"))
+    overhead = None
+    if bundle is not None:
+        if not bundle.exists():
+            raise SystemExit(f"--flashllm-bundle {bundle}: no such bundle")
+        say(f"flashllm bundle {bundle}, extra args {args.flashllm_args or '(none)'}: measuring its overhead "
+            f"(uncapped 1-token run) ...")
+        overhead, why = flashllm_overhead(bundle, args)
+        if overhead is None:
+            say(f"flashllm failed, its runs are skipped: {why}")
+        else:
+            say(f"flashllm overhead {overhead / 1e6:.0f} MB: --dram-budget = cap - overhead")
+    say(f"prompt {args.prompt!r}, {args.tokens} tokens, {args.threads} threads, greedy, {args.rounds} round(s); "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other work skews tokens/s)\n")
+
+    results: list[Result] = []
+    for round_ in range(1, args.rounds + 1):
+        for pct in caps:
+            label, cap = cap_label(pct), limits[cap_label(pct)]
+            engines = [llama_name] + (["flashllm"] if overhead is not None else [])
+            if round_ % 2 == 0:  # alternate who goes first, so drift hits both
+                engines.reverse()
+            for engine in engines:
+                say(f"round {round_}, cap {label}: {engine}, cgroup {fmt_cap(cap)} ...")
+                if engine == llama_name:
+                    r = run_llama(binary, gguf, args, cap, llama_name, extra, warm=False, cgroup_limit=machine_ram())
+                else:
+                    r = run_flashllm_direct(bundle, args, cap, overhead)
+                r.round, r.label = round_, label
+                results.append(r)
+                tps = f"{r.tokens_per_s:.2f} tokens/s" if r.tokens_per_s is not None else "-"
+                say(f"  {r.engine}: {tps}, {'' if r.ok else 'FAILED: '}{r.note}")
+
+    say("")
+    def cells(r: Result | None) -> str:
+        if r is None:
+            return f"{'':>8} {'':>9} {'':>9}"
+        if not r.ok:
+            return f"{'FAILED':>8} {'-':>9} {_mb(r.peak_bytes):>9}"
+        tps = f"{r.tokens_per_s:.2f}" if r.tokens_per_s is not None else "-"
+        return f"{tps:>8} {_mb(r.bytes_per_token, 1):>9} {_mb(r.peak_bytes):>9}"
+
+    flash_on = overhead is not None
+    head = f"{'cap':>5} {'cgroup cap':>11} {'round':>5} | {'tok/s':>8} {'MB/token':>9} {'peak MB':>9}"
+    say(f"{'':24}{llama_name:^29}" + (f"   {'flashllm':^29}" if flash_on else ""))
+    say(head + (f" | {'tok/s':>8} {'MB/token':>9} {'peak MB':>9} {'budget MB':>10}" if flash_on else ""))
+    for round_ in range(1, args.rounds + 1):
+        for pct in caps:
+            label = cap_label(pct)
+            pick = {r.engine: r for r in results if r.round == round_ and r.label == label}
+            line = f"{label:>5} {fmt_cap(limits[label]):>11} {round_:>5} | {cells(pick.get(llama_name))}"
+            if flash_on:
+                f = pick.get("flashllm")
+                line += f" | {cells(f)} {_mb(f.budget_bytes if f else None):>10}"
+            say(line)
+    if flash_on:
+        say("")
+        for pct in caps:
+            label = cap_label(pct)
+            ll = median([r.tokens_per_s for r in results if r.label == label and r.engine == llama_name and r.ok])
+            fl = median([r.tokens_per_s for r in results if r.label == label and r.engine == "flashllm" and r.ok])
+            lb = median([r.bytes_per_token for r in results if r.label == label and r.engine == llama_name and r.ok])
+            fb = median([r.bytes_per_token for r in results if r.label == label and r.engine == "flashllm" and r.ok])
+            line = f"cap {label}, medians: flashllm / llama.cpp "
+            line += f"{fl / ll:.2f}x tokens/s" if ll and fl else "tokens/s -"
+            if lb is not None and fb is not None:
+                line += f"; MB read/token {fb / 1e6:.1f} vs {lb / 1e6:.1f}"
+                line += f" ({lb / fb:.1f}x fewer)" if lb and fb else ""
+            say(line)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _mb(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value / 1e6:,.{digits}f}"
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -384,7 +610,24 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--verbose", "-v", action="store_true", help="print the generated texts")
+    direct = parser.add_argument_group("--gguf-direct: llama.cpp on the quantized GGUF itself (no F16)")
+    direct.add_argument("--gguf-direct", "--quantized", dest="gguf_direct", action="store_true",
+                        help="run llama.cpp on the Q4_K_M GGUF at each of --caps, with --no-repack")
+    direct.add_argument("--gguf", type=Path, default=None, help=f"the GGUF (default: the pulled {MODEL})")
+    direct.add_argument("--caps", default="50,75,full",
+                        help="percentages of the GGUF file size, cgroup = pct%% of the file + 300 MiB; "
+                             "full = no cap (default 50,75,full)")
+    direct.add_argument("--rounds", type=int, default=2, help="rounds over all caps (default 2)")
+    direct.add_argument("--allow-repack", action="store_true",
+                        help="let llama.cpp repack Q4 weights (drops --no-repack; crashes on the project's VMs)")
+    direct.add_argument("--flashllm-bundle", type=Path, default=None,
+                        help="also run `flashllm generate` on this bundle under the same caps, interleaved")
+    direct.add_argument("--flashllm-args", default="",
+                        help='extra arguments for flashllm generate, one string: "--gate-up int4", or '
+                             '--flashllm-args=--verbose for a lone option')
     args = parser.parse_args()
+    if args.flashllm_bundle is not None and not args.gguf_direct:
+        parser.error("--flashllm-bundle goes with --gguf-direct (the fp16 mode uses --bundle)")
 
     reason = cgroup_unavailable_reason()
     if reason:
@@ -392,6 +635,8 @@ def main() -> int:
         return 2
     binary, quantize, build_seconds = build_llamacpp(args.skip_build)
     say(f"llama.cpp: {binary}" + (f" (built in {build_seconds:.0f} s)" if build_seconds else " (cached build)"))
+    if args.gguf_direct:
+        return main_direct(args, binary)
     f16 = make_f16(quantize)
     size = f16.stat().st_size
     budget = int(size * args.budget_percent / 100)
