@@ -33,6 +33,17 @@ def user_errors():
         raise typer.Exit(130)
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flashllm {__import__('flashllm').__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version.")):
+    """Run language models larger than DRAM by streaming FFN neurons from flash."""
+
+
 CONFIG_HELP = "A preset (configs/models/NAME.toml, configs/strategies/NAME.toml) or a TOML file; options given here win."
 
 
@@ -117,12 +128,16 @@ def generate(
     with user_errors():
         from flashllm.engine.flash_model import FlashModel, FlashSettings
         from flashllm.engine.generate import GenerationStats, SamplingSettings, generate as run, load_dense
+        from flashllm.measure.inputs import utf8
         from flashllm.engine.stats import FlashStats
         from flashllm.errors import FlashLLMError
         from flashllm.models import parse_dtype
         from flashllm.tokenizer import StreamDecoder, Tokenizer
 
         p, flash_fields = _with_config(ctx, config, "generate", flash=True)
+        flash_settings = FlashSettings(**{k: p[k] for k in ("window", "policy", "threads", "mode", "gate_up")} | flash_fields)
+        flash_settings.check()  # a bad --policy or --mode is an error with or without --dram-budget
+        prompt, system = utf8(prompt, "the prompt"), utf8(p["system"], "--system")
         if p["stats"] not in ("table", "json", "none"):
             raise FlashLLMError(f"unknown --stats {p['stats']!r} (choose from table, json, none)")
         if p["gate_up"] != "flash" and p["dram_budget"] is None:
@@ -136,14 +151,13 @@ def generate(
         else:
             folder = _bundle_for(model)
             tokenizer = _require_tokenizer(Tokenizer.from_folder(folder), folder)
-        ids = tokenizer.encode(_prompt_text(tokenizer, prompt, p["chat"], p["system"]))
+        ids = tokenizer.encode(_prompt_text(tokenizer, prompt, p["chat"], system))
         stream = StreamDecoder(tokenizer)
         if p["dram_budget"] is None:
             gen = GenerationStats()
             tokens = run(engine, ids, settings, tokenizer.eos_token_ids, gen)
         else:
-            fields = {k: p[k] for k in ("window", "policy", "threads", "mode", "gate_up")} | flash_fields
-            flash = FlashModel.open(folder, p["dram_budget"], FlashSettings(**fields),
+            flash = FlashModel.open(folder, p["dram_budget"], flash_settings,
                                     max_tokens=len(ids) + p["max_tokens"], prefill_tokens=len(ids))
             if p["verbose"]:
                 console.print("\n".join(flash.plan.lines()), highlight=False)
@@ -188,12 +202,12 @@ def _bundle_for(model: str) -> Path:
     first use); anything else must be converted first."""
     from flashllm.errors import FlashLLMError
     from flashllm.hub import KNOWN_MODELS
-    from flashllm.bundle.reader import is_bundle
+    from flashllm.bundle.reader import Bundle, is_bundle
     from flashllm.bundle.writer import convert
     from flashllm.paths import home
 
     path = Path(model).expanduser()
-    if is_bundle(path):
+    if is_bundle(path) and Bundle(path):  # its manifest checked before anything reads it (bench reads it raw)
         return path
     if not path.exists() and model in KNOWN_MODELS:
         folder = home() / "bundles" / model
@@ -285,6 +299,8 @@ def bench(
     with user_errors():
         p, _ = _with_config(ctx, config, "bench", flash=True)
         dram_budget, prompts, prompt_tokens, tokens, strategies, window, policy, threads, corpus = (p[k] for k in ("dram_budget", "prompts", "prompt_tokens", "tokens", "strategies", "window", "policy", "threads", "corpus",))
+        from flashllm.engine.flash_model import FlashSettings
+        FlashSettings(window=window, policy=policy, threads=threads).check()  # before minutes of benchmarking
         if target == "io":
             from flashllm.disk.probe import format_profile_table, run_io_bench
 
@@ -346,8 +362,10 @@ def train_predictor(
     with user_errors():
         p, _ = _with_config(ctx, config, "train", flash=False)
         corpus, tokens, eval_tokens, kind, group, rank, last_rank, sparsity, recall, epochs, context, seed = (p[k] for k in ("corpus", "tokens", "eval_tokens", "kind", "group", "rank", "last_rank", "sparsity", "recall", "epochs", "context", "seed",))
-        from flashllm.sparsity.train import train_predictors
+        from flashllm.measure.inputs import check_context
+        from flashllm.sparsity.train import DEFAULT_CONTEXT, train_predictors
 
+        context = check_context(bundle, context, bundle_only=True, default=DEFAULT_CONTEXT)
         with _progress("training") as bar:
             result = train_predictors(bundle, corpus, tokens=tokens, rank=rank, last_rank=last_rank,
                                       sparsity=sparsity, recall=recall, context=context, eval_tokens=eval_tokens,
@@ -378,9 +396,11 @@ def perplexity(
         mode, sparsity, recall, dram_budget, gate_up, context, max_tokens = (p[k] for k in ("mode", "sparsity", "recall", "dram_budget", "gate_up", "context", "max_tokens",))
         import json
 
+        from flashllm.measure.inputs import check_context
         from flashllm.measure.perplexity import perplexity as run
 
         path = _bundle_for(model) if dram_budget else _resolve(model)
+        check_context(path, context, text, max_tokens)
         with _progress("scoring") as bar:
             result = run(path, text, mode=mode, sparsity=sparsity, dram_budget=dram_budget, context=context,
                          max_tokens=max_tokens, recall=recall, progress=bar, gate_up=gate_up)

@@ -3,16 +3,17 @@ a bundle, a Hugging Face folder or a GGUF file."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from flashllm.bundle.format import FORMAT, FORMAT_VERSION, MANIFEST, RECORD_PARTS, RESIDENT, RecordLayout, record_layout
+from flashllm.bundle.schema import load_manifest
 from flashllm.disk.reader import RecordRegion
 from flashllm.errors import FlashLLMError
 from flashllm.models import DTYPES, get_family
 from flashllm.sources import Source, open_source
+from flashllm.sources.checks import inside
 from flashllm.sources.hf import SAFETENSORS_DTYPES, read_header, tensor_loader
 from flashllm.tokenizer import Tokenizer
 
@@ -24,12 +25,10 @@ def is_bundle(path: Path) -> bool:
 class Bundle:
     """A bundle folder opened by its manifest (never by its name)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, files: bool = True):
         self.folder = Path(folder)
-        try:
-            self.manifest = json.loads((self.folder / MANIFEST).read_text())
-        except (OSError, ValueError) as e:
-            raise FlashLLMError(f"{self.folder}: unreadable manifest ({e})") from None
+        # every field checked once, against the files too (files=False: verify, which reports missing ones)
+        self.manifest = load_manifest(self.folder, files)
         if self.manifest.get("format") != FORMAT:
             raise FlashLLMError(f"{self.folder}: not a flashllm bundle")
         if self.manifest.get("format_version") != FORMAT_VERSION:
@@ -47,7 +46,7 @@ class Bundle:
         return self.manifest["ffn"]["layers"]
 
     def layer_path(self, layer: int) -> Path:
-        return self.folder / self.layers[layer]["file"]
+        return inside(self.folder, self.layers[layer]["file"], f"layer {layer}", must_exist=False)
 
     def regions(self, layer: int) -> list[tuple[RecordRegion, list[dict]]]:
         """Each region of a layer as a RecordRegion (for FlashReader) with its parts."""

@@ -10,7 +10,7 @@ from flashllm.sources import hash_files
 
 def verify(folder: Path, progress: Callable[[int, int, str], None] | None = None) -> list[str]:
     """Re-hash every file against the manifest; returns the problems found (empty when intact)."""
-    bundle = Bundle(folder)
+    bundle = Bundle(folder, files=False)  # missing files and wrong sizes are this function's to report
     files = [(bundle.manifest["resident"], "resident weights")] + \
         [(layer, f"layer {i}") for i, layer in enumerate(bundle.layers)]
     problems = []

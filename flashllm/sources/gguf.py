@@ -11,6 +11,7 @@ import torch
 from flashllm.errors import FlashLLMError
 from flashllm.models import get_family
 from flashllm.sources.base import Source
+from flashllm.sources.checks import check_gguf, check_gguf_config
 from flashllm.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -73,11 +74,19 @@ def open_gguf(path: Path) -> Source:
     arch = meta.get("general.architecture")
     family = get_family(arch)
     names = {t.name for t in reader.tensors}
+    shapes = {t.name: tuple(reversed([int(n) for n in t.shape])) for t in reader.tensors}
+    check_gguf(path, meta, arch, shapes)  # types and ranges of the metadata, block count against the tensors
     try:
         config = family.config.from_gguf(meta, arch, names)
     except (TypeError, ValueError, KeyError) as e:
         raise FlashLLMError(f"{path}: GGUF metadata does not describe a usable {arch} model ({e})") from None
-    tokenizer = Tokenizer.from_gguf(meta) if "tokenizer.ggml.tokens" in meta else None
+    check_gguf_config(path, config, family, shapes)  # how the values relate; every tensor's shape
+    try:
+        tokenizer = Tokenizer.from_gguf(meta) if "tokenizer.ggml.tokens" in meta else None
+    except FlashLLMError:
+        raise
+    except Exception as e:  # the tokenizers library raises its own types (a merge of tokens not in the vocabulary)
+        raise FlashLLMError(f"{path}: the GGUF tokenizer cannot be built ({e})") from None
     def tensors():
         for t in reader.tensors:
             yield t.name, tuple(reversed([int(n) for n in t.shape])), _loader(path, t)

@@ -39,6 +39,7 @@ from flashllm.errors import FlashLLMError
 from flashllm.models.ffn import FFNSpec, activate
 from flashllm.models.quant import Int4Matrix, quantize
 from flashllm.sources.hf import read_header, tensor_loader
+from flashllm.sparsity.predictor_schema import check_predictors
 
 FORMAT = "flashllm-predictors"
 FORMAT_VERSION = 1
@@ -206,11 +207,10 @@ def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predict
         return None
     try:
         settings = json.loads(settings_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise FlashLLMError(f"{settings_path}: unreadable ({e}); run `flashllm train-predictor` again") from None
-    if settings.get("format") != FORMAT or settings.get("format_version") != FORMAT_VERSION:
-        raise FlashLLMError(f"{settings_path}: predictor format {settings.get('format_version')} is not supported "
-                            f"(this flashllm reads {FORMAT_VERSION}); run `flashllm train-predictor` again")
+    # format, every field, lengths per layer and tensor shapes, against the bundle (sparsity/predictor_schema.py)
+    check_predictors(settings, settings_path, weights_path, (FORMAT, FORMAT_VERSION), KINDS)
     layers = []
     kind = settings.get("kind", "lowrank")
     try:  # pread, tensor by tensor: a memory map's pages would count in our resident set
