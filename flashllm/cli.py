@@ -48,35 +48,17 @@ CONFIG_HELP = "A preset (configs/models/NAME.toml, configs/strategies/NAME.toml)
 
 
 def _with_config(ctx: typer.Context, config: str | None, command: str, flash: bool = False) -> tuple[dict, dict]:
-    """This command's parameters with a --config file's [command] values (and [flash] values that name an
-    option) where the command line left the option at its default; plus the [flash] values that have no
-    option of their own (FlashSettings fields such as pin_fraction)."""
-    from flashllm.configs import load_config, section
-
-    params = dict(ctx.params)
-    if config is None:
-        return params, {}
-    preset = load_config(config)
-    # by name: typer may carry its own copy of click, whose ParameterSource is another class
-    unset = lambda key: getattr(ctx.get_parameter_source(key), "name", "DEFAULT") == "DEFAULT"  # noqa: E731
-    for key, value in section(preset, command, set(params) - {"config"}).items():
-        if unset(key):
-            params[key] = value
-    flash_only = {}
-    for key, value in (section(preset, "flash", _flash_fields()) if flash else {}).items():
-        if key not in params:
-            flash_only[key] = value
-        elif unset(key):
-            params[key] = value
-    return params, flash_only
-
-
-def _flash_fields() -> set[str]:
+    """This command's parameters with a --config file's values where the command line left the option at
+    its default, and the [flash] values that have no option of their own (see configs.apply_config)."""
     from dataclasses import fields
 
+    from flashllm.configs import apply_config
     from flashllm.engine.flash_model import FlashSettings
 
-    return {f.name for f in fields(FlashSettings)}
+    # by name: typer may carry its own copy of click, whose ParameterSource is another class
+    unset = lambda key: getattr(ctx.get_parameter_source(key), "name", "DEFAULT") == "DEFAULT"  # noqa: E731
+    flash_fields = {f.name for f in fields(FlashSettings)} if flash else set()
+    return apply_config(dict(ctx.params), unset, config, command, flash_fields)
 
 
 @app.command()
@@ -161,7 +143,9 @@ def generate(
                                     max_tokens=len(ids) + p["max_tokens"], prefill_tokens=len(ids))
             if p["verbose"]:
                 console.print("\n".join(flash.plan.lines()), highlight=False)
-            if p["mode"] == "predictor" and flash.mode == "dense":
+            for note in flash.notes:
+                console.print(f"[yellow]{note}[/]", highlight=False)
+            if p["mode"] == "predictor" and flash.mode == "dense" and not flash.notes:
                 console.print(f"[yellow]{folder} has no predictors: reading every neuron (dense from flash). "
                               f"Train them with `flashllm train-predictor {folder}`.[/]", highlight=False)
             flash_stats = FlashStats()
@@ -229,7 +213,7 @@ def _bundle_for(model: str) -> Path:
 def convert(
     source: str = typer.Argument(..., help="A Hugging Face folder, a GGUF file or a known model name."),
     out: Path = typer.Argument(..., help="The bundle folder to create."),
-    dtype: str = typer.Option("float16", help="Storage dtype: float16, bfloat16 or float32."),
+    dtype: str = typer.Option("auto", help="Weights: auto (each tensor keeps its source precision: Q4 -> int4, Q5/Q6/Q8 -> int8, float -> float16), int4, int8, float16, bfloat16 or float32."),
     layout: str = typer.Option("bundled", help="bundled (one record per neuron) or split (the unbundled baseline)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT (kept until the new one is complete)."),
 ):
@@ -253,7 +237,7 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.")):
 
         summary = bundle_info(bundle)
         typer.echo(f"{summary['folder']}: {summary['model_type']} ({summary['family']}), {summary['layers']} layers, "
-                   f"d {summary['d']}, FFN {summary['n_ff']}, {summary['dtype']}, {summary['layout']} layout")
+                   f"d {summary['d']}, FFN {summary['n_ff']}, {render.weights(summary)}, {summary['layout']} layout")
         typer.echo(render.describe(summary))
         typer.echo(f"record parts: {', '.join(f'{n}[{w}]' for n, w in summary['record_parts'])}; "
                    f"source {summary['source']['name']} ({summary['source']['size'] / 1e6:.0f} MB)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Callable
 
 from flashllm.errors import FlashLLMError
 
@@ -54,3 +55,24 @@ def strategies() -> dict[str, dict]:
     """Every bench strategy preset, in report order."""
     found = {name: load_config(name, "strategies") for name in available("strategies")}
     return {name: found[name] for name in sorted(found, key=lambda n: (STRATEGY_ORDER + (n,)).index(n))}
+
+
+def apply_config(params: dict, unset: Callable[[str], bool], config: str | None, command: str,
+                 flash_fields: set[str]) -> tuple[dict, dict]:
+    """A command's parameters with the config's [command] values (and [flash] values that name one of
+    its options) wherever `unset(option)` says the command line left it at its default; plus the [flash]
+    values that have no option of their own (FlashSettings fields such as pin_fraction)."""
+    params = dict(params)
+    if config is None:
+        return params, {}
+    preset = load_config(config)
+    for key, value in section(preset, command, set(params) - {"config"}).items():
+        if unset(key):
+            params[key] = value
+    flash_only = {}
+    for key, value in (section(preset, "flash", flash_fields) if flash_fields else {}).items():
+        if key not in params:
+            flash_only[key] = value
+        elif unset(key):
+            params[key] = value
+    return params, flash_only

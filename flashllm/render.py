@@ -72,3 +72,13 @@ def describe(s: dict) -> str:
     return (f"resident {s['resident_bytes'] / 1e6:.1f} MB, FFN {s['ffn_bytes'] / 1e6:.1f} MB "
             f"({100 * s['ffn_bytes'] / s['total_bytes']:.0f}%), {s['record_bytes']} bytes per neuron record, "
             f"padding {s['padding_bytes'] / 1e3:.1f} kB ({s['padding_percent']:.3f}%)")
+
+
+def weights(summary: dict) -> str:
+    """'float16', or for a quantized bundle its kinds: 'auto: gate int4, up int4, down int8; 197 resident int4/int8'."""
+    if not summary["part_kinds"] and not summary["resident_kinds"]:
+        return summary["dtype"]
+    parts = ", ".join(f"{name} {kind}" for name, kind in summary["part_kinds"].items())
+    kinds = sorted(set(summary["resident_kinds"].values()))
+    return (f"{summary['weights']}: records {parts or summary['dtype']}; {len(summary['resident_kinds'])} resident "
+            f"matrices {'/'.join(kinds)}, the rest {summary['dtype']}")

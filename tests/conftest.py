@@ -39,3 +39,14 @@ def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "smollm2"
     convert(smollm2_gguf, out, dtype="float16")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_quantized_bundle(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M converted with --dtype auto: Q4_1 gate/up/attention as int4, down columns and the
+    Q8_0 embedding as int8 (once per test session)."""
+    from flashllm.bundle.writer import convert
+
+    out = tmp_path_factory.mktemp("bundles") / "smollm2-q"
+    convert(smollm2_gguf, out, dtype="auto")
+    return out

@@ -13,11 +13,13 @@ REASON = cgroup_unavailable_reason()
 
 
 @pytest.mark.skipif(REASON is not None, reason=f"no memory cgroup: {REASON}")
-def test_generate_within_budget_under_a_memory_cgroup(smollm2_bundle):
+@pytest.mark.parametrize("kind", ["float16", "quantized"])
+def test_generate_within_budget_under_a_memory_cgroup(kind, request):
     import subprocess
 
-    cmd = [sys.executable, "-m", "flashllm", "generate", str(smollm2_bundle), "The capital of France is",
-           "--dram-budget", "50%", "-n", "6", "--stats", "json"]
+    bundle = request.getfixturevalue("smollm2_bundle" if kind == "float16" else "smollm2_quantized_bundle")
+    cmd = [sys.executable, "-m", "flashllm", "generate", str(bundle), "The capital of France is",
+           "--dram-budget", "50%" if kind == "float16" else "70%", "-n", "6", "--stats", "json"]
     free = subprocess.run(cmd, capture_output=True, text=True)
     assert free.returncode == 0, free.stderr
     stats = json.loads(free.stderr.strip().splitlines()[-1])

@@ -272,3 +272,19 @@ def test_int4_gate_up_needs_split_layout_and_int4_predictors(int4_bundles, tmp_p
     assert_one_line_error(result, "split layout")
     result = runner.invoke(app, ["generate", str(int4_bundles["split"]), "hi", "--gate-up", "int4", "-n", "2"])
     assert_one_line_error(result, "--dram-budget")
+
+
+def test_predictors_that_do_not_fit_are_dropped_not_refused(int4_bundles):
+    """A budget above the floor but below floor + predictors runs: every neuron is read, and it says so."""
+    folder = int4_bundles["bundled"]
+    dense = FlashModel(folder, BIG, FlashSettings(mode="dense"), 32, 16)
+    with_predictors = FlashModel(folder, BIG, FlashSettings(mode="predictor"), 32, 16)
+    assert with_predictors.mode == "predictor" and with_predictors.plan.parts["predictors"] > 0
+    budget = dense.plan.fixed_bytes + with_predictors.plan.parts["predictors"] // 2
+    flash = FlashModel(folder, budget, FlashSettings(mode="predictor"), 32, 16)
+    assert flash.mode == "dense" and flash.predictors is None and flash.plan.parts["predictors"] == 0
+    assert flash.notes and "do not fit" in flash.notes[0]
+    assert flash.thresholds == [0.0] * len(flash.thresholds)  # dense: no neuron is dropped
+    assert flash.plan.planned_bytes <= budget
+    with pytest.raises(FlashLLMError, match="below the minimum"):
+        FlashModel(folder, dense.plan.fixed_bytes - 1, FlashSettings(mode="predictor"), 32, 16)

@@ -10,6 +10,12 @@ Bundled layout: record i = [gate row i | up row i | down column i] (gated) or [u
 up bias i] (ReLU), packed back to back from offset 0, so one read fetches all a neuron needs. Split
 layout (the paper's unbundled baseline): gate/up rows (+ bias) in one region, down columns in another.
 Layer files start block-aligned and are padded to the alignment at the end, not per record.
+
+Quantized bundles (format 2): a part may be stored as int4 or int8 rows (models/qrows.py: groups of 32
+values, each row [codes | scales (| mins)] self-contained), named by the part's "kind" in the manifest;
+a quantized resident tensor is a uint8 [rows, row bytes] tensor of the same record form, its kind in
+manifest["resident"]["kinds"]. Records are then no longer multiples of 512 bytes: the reader aligns
+each request to the device's logical block itself and reads through neighbours.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ import torch
 
 from flashllm.disk.reader import RecordRegion
 from flashllm.models.ffn import FFNSpec
+from flashllm.models.qrows import QRows, from_records, row_bytes
 
 FORMAT = "flashllm-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: float parts only
 ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
+QUANTIZED = ("int4", "int8")
 CHUNKED = ("embed.weight", "lm_head.weight", "pos_embed.weight")
 CHUNK_VALUES = 8 << 20  # values per chunk of a chunked tensor (32 MB as float32)
 RECORD_PARTS = {"gate": "ffn.gate.weight", "up": "ffn.up.weight", "down": "ffn.down.weight", "up_bias": "ffn.up.bias"}
@@ -41,8 +50,15 @@ def _align(n: int, alignment: int = ALIGNMENT) -> int:
     return -(-n // alignment) * alignment
 
 
-def region_plan(spec: FFNSpec, layout: str, itemsize: int) -> list[dict]:
-    """The regions of one layer file: name, offset, stride, count, and where each part sits in a record."""
+def part_bytes(values: int, kind: str | None, itemsize: int) -> int:
+    """Bytes of one part of a record: quantized rows in their record form, else values of the float dtype."""
+    return row_bytes(kind, values) if kind in QUANTIZED else values * itemsize
+
+
+def region_plan(spec: FFNSpec, layout: str, itemsize: int, kinds: dict[str, str] | None = None) -> list[dict]:
+    """The regions of one layer file: name, offset, stride, count, and where each part sits in a record.
+    kinds: part -> "int4" / "int8" for quantized parts (the rest are in the float dtype)."""
+    kinds = kinds or {}
     groups = [[name for name, _ in spec.parts]] if layout == "bundled" else \
         [[n for n, _ in spec.parts if n != "down"], ["down"]]
     widths = dict(spec.parts)
@@ -50,8 +66,11 @@ def region_plan(spec: FFNSpec, layout: str, itemsize: int) -> list[dict]:
     for index, names in enumerate(groups):
         parts, cursor = [], 0
         for name in names:
-            parts.append({"name": name, "offset": cursor, "values": widths[name]})
-            cursor += widths[name] * itemsize
+            part = {"name": name, "offset": cursor, "values": widths[name]}
+            if kinds.get(name) in QUANTIZED:
+                part["kind"] = kinds[name]
+            parts.append(part)
+            cursor += part_bytes(widths[name], kinds.get(name), itemsize)
         regions.append({"name": "bundle" if layout == "bundled" else ("gate_up" if index == 0 else "down"),
                         "offset": offset, "stride": cursor, "count": spec.n_ff, "parts": parts})
         offset = _align(offset + cursor * spec.n_ff)
@@ -67,6 +86,7 @@ class PartColumns:
     start: int
     stop: int
     values: int
+    kind: str | None = None  # "int4" / "int8": quantized rows; None: values of the bundle's float dtype
 
 
 @dataclass(frozen=True)
@@ -83,9 +103,15 @@ class RecordLayout:
     def record_bytes(self) -> int:
         return sum(region.stride for region in self.regions)
 
-    def split(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """rows: [n, record_bytes] uint8 -> {part: [n, values]} in the bundle dtype (views, no copy)."""
-        return {p.name: rows[:, p.start:p.stop].view(self.dtype) for p in self.parts}
+    @property
+    def quantized(self) -> bool:
+        return any(p.kind is not None for p in self.parts)
+
+    def split(self, rows: torch.Tensor) -> dict[str, torch.Tensor | QRows]:
+        """rows: [n, record_bytes] uint8 -> {part: [n, values]} in the bundle dtype, or QRows for quantized
+        parts (views, no copy)."""
+        return {p.name: from_records(rows[:, p.start:p.stop], p.kind, p.values) if p.kind else
+                rows[:, p.start:p.stop].view(self.dtype) for p in self.parts}
 
 
 def record_layout(path: Path, regions: list[dict], layer: int, dtype: torch.dtype,
@@ -100,6 +126,8 @@ def record_layout(path: Path, regions: list[dict], layer: int, dtype: torch.dtyp
         chosen.append(RecordRegion(path, r["offset"], r["stride"], r["count"], f"layer {layer}"))
         for p in r["parts"]:
             start = column + p["offset"]
-            columns.append(PartColumns(p["name"], start, start + p["values"] * itemsize, p["values"]))
+            kind = p.get("kind")
+            columns.append(PartColumns(p["name"], start, start + part_bytes(p["values"], kind, itemsize), p["values"],
+                                       kind))
         column += r["stride"]
     return RecordLayout(tuple(chosen), tuple(columns), dtype)

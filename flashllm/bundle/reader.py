@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from flashllm.bundle.format import FORMAT, FORMAT_VERSION, MANIFEST, RECORD_PARTS, RESIDENT, RecordLayout, record_layout
+from flashllm.bundle.format import (FORMAT, MANIFEST, READABLE_VERSIONS, RECORD_PARTS, RESIDENT, RecordLayout,
+                                    record_layout)
+from flashllm.models.qrows import QRows, dequantize_rows, from_records
 from flashllm.bundle.schema import load_manifest
 from flashllm.disk.reader import RecordRegion
 from flashllm.errors import FlashLLMError
@@ -31,15 +33,21 @@ class Bundle:
         self.manifest = load_manifest(self.folder, files)
         if self.manifest.get("format") != FORMAT:
             raise FlashLLMError(f"{self.folder}: not a flashllm bundle")
-        if self.manifest.get("format_version") != FORMAT_VERSION:
+        if self.manifest.get("format_version") not in READABLE_VERSIONS:
             raise FlashLLMError(f"{self.folder}: bundle format {self.manifest.get('format_version')} is not "
-                                f"supported (this flashllm reads {FORMAT_VERSION}); convert again")
+                                f"supported (this flashllm reads {', '.join(map(str, READABLE_VERSIONS))}); convert again")
         self.family = get_family(self.manifest["family"])
         self.config = self.family.config.from_hf(self.manifest["config"])
         self.spec = self.family.model.ffn_spec(self.config)
         self.dtype = DTYPES[self.manifest["dtype"]]
         self.itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.layout = self.manifest["layout"]
+        self.kinds: dict[str, str] = dict(self.manifest["resident"].get("kinds") or {})  # quantized resident tensors
+        self.part_kinds: dict[str, str] = {p["name"]: p["kind"] for r in self.layers[0]["regions"] for p in r["parts"]
+                                           if p.get("kind")} if self.layers else {}
+        self.quantized = bool(self.kinds or self.part_kinds)
+        # quantized weights are expanded to float32 a block at a time; activations and the KV cache are float32
+        self.compute_dtype = torch.float32 if self.quantized else self.dtype
 
     @property
     def layers(self) -> list[dict]:
@@ -61,17 +69,26 @@ class Bundle:
         except (OSError, ValueError) as e:
             raise FlashLLMError(f"{path}: unreadable resident weights ({e}); run `flashllm verify`") from None
 
-    def resident_tensors(self, skip: tuple[str, ...] = ()):
-        """(name, tensor) read with pread, so no memory map's pages linger in our resident set."""
+    def resident_tensors(self, skip: tuple[str, ...] = (), expand: bool = False):
+        """(name, tensor or QRows) read with pread, so no memory map's pages linger in our resident set;
+        a quantized tensor comes as QRows viewing its records (expanded to float32 with `expand`)."""
         path = self.folder / RESIDENT
         header, data_start = self._resident_header()
         for name, entry in header.items():
             if name != "__metadata__" and name not in skip:
-                yield name, tensor_loader(path, data_start, name, entry)(None)
+                tensor = tensor_loader(path, data_start, name, entry)(None)
+                if name in self.kinds:
+                    tensor = self._as_rows(name, tensor)
+                    tensor = dequantize_rows(tensor) if expand else tensor
+                yield name, tensor
 
-    def embedding_rows(self) -> tuple[RecordRegion, torch.dtype] | None:
+    def _as_rows(self, name: str, records: torch.Tensor) -> QRows:
+        return from_records(records, self.kinds[name], self.config.expected_shapes()[name][1])
+
+    def embedding_rows(self) -> tuple[RecordRegion, torch.dtype | str] | None:
         """The input embedding table as records of one row each, for reading only the rows of the
-        tokens at hand; None where the table is also the LM head (tied), which needs all of it."""
+        tokens at hand, with their dtype (or quantized kind); None where the table is also the LM head
+        (tied), which needs all of it."""
         if getattr(self.config, "tie_word_embeddings", True):
             return None
         header, data_start = self._resident_header()
@@ -81,7 +98,7 @@ class Bundle:
         begin, end = entry["data_offsets"]
         rows = entry["shape"][0]
         return RecordRegion(self.folder / RESIDENT, data_start + begin, (end - begin) // rows, rows, "embeddings"), \
-            SAFETENSORS_DTYPES[entry["dtype"]]
+            self.kinds.get("embed.weight", SAFETENSORS_DTYPES[entry["dtype"]])
 
     @property
     def resident_bytes(self) -> int:
@@ -93,8 +110,9 @@ class Bundle:
         """The typed layout of this layer's records (only the regions holding `parts`; None: all)."""
         return record_layout(self.layer_path(layer), self.layers[layer]["regions"], layer, self.dtype, parts)
 
-    def dense_ffn(self, layer: int) -> dict[str, torch.Tensor]:
-        """All records of a layer read back into dense matrices (canonical names)."""
+    def dense_ffn(self, layer: int, keep_quantized: bool = False) -> dict[str, torch.Tensor | QRows]:
+        """All records of a layer read back into dense matrices (canonical names); quantized parts are
+        expanded to float32, or kept as QRows (down as its columns) with `keep_quantized`."""
         weights = {}
         layout = self.record_layout(layer)
         column = 0
@@ -109,30 +127,53 @@ class Bundle:
                 region.count, region.stride)
             column += region.stride
         for name, part in layout.split(rows).items():
+            if isinstance(part, QRows):
+                if keep_quantized:
+                    weights[f"layers.{layer}.{RECORD_PARTS[name]}"] = part
+                    continue
+                part = dequantize_rows(part)
             tensor = part.T.contiguous() if name == "down" else part.contiguous()  # down back to [d, n_ff]
             weights[f"layers.{layer}.{RECORD_PARTS[name]}"] = tensor.squeeze(1) if name == "up_bias" else tensor
         return weights
 
 
 def open_bundle_source(folder: Path):
-    """A bundle as a Source, so the dense engine runs from it exactly as from the checkpoint."""
+    """A bundle as a Source, so the dense engine runs from it exactly as from the checkpoint (quantized
+    tensors expanded to float32), and converting it keeps its quantized rows where the kind is kept."""
     bundle = Bundle(folder)
+    kept: dict[str, QRows] = {}  # the QRows of the tensor being streamed, for `quantized`
 
     def tensors():
         def whole(tensor):
             return lambda rows: tensor if rows is None else tensor[rows]
 
         for name, tensor in bundle.resident_tensors():
+            if isinstance(tensor, QRows):
+                kept.clear()
+                kept[name] = tensor
+                tensor = dequantize_rows(tensor)
             yield name, tuple(tensor.shape), whole(tensor)
         for layer in range(bundle.config.num_hidden_layers):
-            for name, tensor in bundle.dense_ffn(layer).items():
+            quantized = bundle.dense_ffn(layer, keep_quantized=True)
+            for name, tensor in quantized.items():
+                if isinstance(tensor, QRows):
+                    kept[name] = tensor
+                    tensor = dequantize_rows(tensor)
+                    tensor = tensor.T.contiguous() if name.endswith("down.weight") else tensor
                 yield name, tuple(tensor.shape), whole(tensor)
+            for name in quantized:
+                kept.pop(name, None)
 
-    source = Source(bundle.folder, "bundle", bundle.family, bundle.config, Tokenizer.from_folder(bundle.folder),
-                    tensors, bundle.manifest["sizes"]["total_bytes"])
-    return source
+    def quantized(canonical: str, kind: str, rows: slice | None, columns: bool) -> QRows | None:
+        q = kept.get(canonical)
+        if q is None or q.kind != kind:
+            return None  # quantized from the float values
+        return q if rows is None else q[rows]
 
-
+    precisions = {**bundle.kinds, **{f"layers.{i}.{RECORD_PARTS[p]}": k for i in range(bundle.config.num_hidden_layers)
+                                     for p, k in bundle.part_kinds.items()}}
+    return Source(bundle.folder, "bundle", bundle.family, bundle.config, Tokenizer.from_folder(bundle.folder),
+                  tensors, bundle.manifest["sizes"]["total_bytes"], precisions=precisions, quantized_reader=quantized)
 
 
 def open_model(path: str | Path) -> Source:

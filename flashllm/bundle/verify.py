@@ -35,6 +35,7 @@ def info(folder: Path) -> dict:
     first = m["ffn"]["layers"][0]["regions"]
     return {
         "folder": str(bundle.folder), "family": m["family"], "model_type": m["model_type"], "dtype": m["dtype"],
+        "weights": m.get("weights", m["dtype"]), "part_kinds": bundle.part_kinds, "resident_kinds": bundle.kinds,
         "layout": m["layout"], "layers": bundle.config.num_hidden_layers, "d": m["ffn"]["d"],
         "n_ff": m["ffn"]["n_ff"], "record_parts": m["ffn"]["record_parts"],
         "record_bytes": sum(r["stride"] for r in first), "resident_bytes": sizes["resident_bytes"],

@@ -18,7 +18,8 @@ from flashllm.bundle.format import RecordLayout
 from flashllm.disk.reader import FlashReader, RecordRegion
 from flashllm.engine.cache import NeuronCache
 from flashllm.engine.stats import TokenTimes
-from flashllm.models.ffn import FFNSpec, active_mask, ffn_over_rows, neuron_coefficients
+from flashllm.models.ffn import COMPUTE_ROWS, FFNSpec, active_mask, ffn_over_rows, neuron_coefficients
+from flashllm.models.qrows import dequantize_rows, from_records
 from flashllm.sparsity.predictors import Predictors
 
 SCRATCH_ROWS = 512  # records streamed past the cache per chunk
@@ -49,17 +50,22 @@ class FlashFFN:
         self.mode, self.thresholds = mode, list(thresholds)
         self.predictors, self.oracle_weights = predictors, oracle_weights
         self.estimate_gate_up = estimate_gate_up
-        self.scratch = np.zeros((SCRATCH_ROWS, layouts[0].record_bytes), dtype=np.uint8)  # [rows, record bytes]
+        record = max(layout.record_bytes for layout in layouts)
+        self.scratch = np.zeros((SCRATCH_ROWS, record), dtype=np.uint8)  # [rows, record bytes]
         self.times = TokenTimes()
         self.counters = FlashCounters()
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
         self._estimate: torch.Tensor | None = None  # estimate_gate_up: this layer's a~ [T, n_ff]
 
     @staticmethod
-    def work_bytes_for(spec: FFNSpec, record_bytes: int, tokens: int) -> int:
+    def work_bytes_for(spec: FFNSpec, record_bytes: int, tokens: int, quantized: bool = False) -> int:
         """Memory the FFN's work takes beyond its caches: the scratch rows and the temporaries of a
-        forward pass over `tokens` tokens."""
-        return SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
+        forward pass over `tokens` tokens; quantized records add a block of gathered rows, its float32
+        expansion and the block's products."""
+        work = SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
+        if quantized:
+            work += COMPUTE_ROWS * (record_bytes + spec.d * 4 + tokens * 4 * 3)
+        return work
 
     @property
     def nbytes(self) -> int:
@@ -88,7 +94,15 @@ class FlashFFN:
         cache.commit(insert)
         t3 = time.perf_counter()
         self.times.io += t3 - t2
-        y = self._compute(layer, x, mask, cache.matrix[:cache.num_used], cache.pointer[:cache.num_used])
+        if self.layouts[layer].quantized:  # expand only the rows this token needs, a block at a time
+            ids = np.concatenate([hits, insert])
+            slots = cache.slot_of[ids]
+            y = torch.zeros(x.shape[0], self.spec.d, dtype=x.dtype)
+            for start in range(0, len(ids), COMPUTE_ROWS):
+                block = slice(start, start + COMPUTE_ROWS)
+                y += self._compute(layer, x, mask, cache.matrix[slots[block]], ids[block])
+        else:  # float rows: the FFN over the whole cache matrix in place, restricted by the mask
+            y = self._compute(layer, x, mask, cache.matrix[:cache.num_used], cache.pointer[:cache.num_used])
         self.times.ffn_compute += time.perf_counter() - t3
         overflow = missing[len(insert):]
         for start in range(0, len(overflow), SCRATCH_ROWS):  # what the cache cannot hold streams past it
@@ -126,7 +140,8 @@ class FlashFFN:
         """The FFN over these cached or streamed rows, restricted to the needed, above-threshold neurons."""
         if len(ids) == 0:
             return torch.zeros(x.shape[0], self.spec.d, dtype=x.dtype)
-        parts = self.layouts[layer].split(torch.from_numpy(rows))  # {part: [n, values]}, views
+        layout = self.layouts[layer]
+        parts = layout.split(torch.from_numpy(rows[:, :layout.record_bytes]))  # {part: [n, values] or QRows}, views
         index = torch.from_numpy(ids)
         if self.estimate_gate_up:  # a~ from the 4-bit gate/up; the mask already holds |a~| > t_l
             a = (self._estimate[:, index] * mask[:, index]).to(x.dtype)
@@ -141,9 +156,9 @@ class FlashEmbedding:
     """The embedding provider of an untied model: the rows of the tokens at hand, read from the table
     on flash (one record per row), never the whole table."""
 
-    def __init__(self, region: RecordRegion, dtype: torch.dtype, compute_dtype: torch.dtype, reader: FlashReader,
-                 times: TokenTimes):
-        self.region, self.dtype, self.compute_dtype = region, dtype, compute_dtype
+    def __init__(self, region: RecordRegion, dtype: torch.dtype | str, compute_dtype: torch.dtype, reader: FlashReader,
+                 times: TokenTimes, values: int):
+        self.region, self.dtype, self.compute_dtype, self.values = region, dtype, compute_dtype, values
         self.reader, self.times = reader, times
 
     @staticmethod
@@ -157,4 +172,8 @@ class FlashEmbedding:
         rows = np.empty((len(ids), self.region.stride), dtype=np.uint8)
         self.reader.read(self.region, ids, rows)
         self.times.io += time.perf_counter() - t0
-        return torch.from_numpy(rows).view(self.dtype)[torch.from_numpy(inverse.reshape(-1))].to(self.compute_dtype)
+        index = torch.from_numpy(inverse.reshape(-1))
+        if isinstance(self.dtype, str):  # quantized rows: "int4" / "int8"
+            table = dequantize_rows(from_records(torch.from_numpy(rows), self.dtype, self.values))
+            return table[index].to(self.compute_dtype)
+        return torch.from_numpy(rows).view(self.dtype)[index].to(self.compute_dtype)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from flashllm.bundle.reader import Bundle
 from flashllm.disk.profile import IOProfile
 from flashllm.disk.reader import FlashReader
@@ -18,6 +20,7 @@ from flashllm.engine.generate import GenerationStats, SamplingSettings, generate
 from flashllm.engine.stats import FlashStats
 from flashllm.errors import FlashLLMError
 from flashllm.models.layers import KVCache
+from flashllm.models.qrows import for_compute
 from flashllm.sparsity.predictors import Predictors, load_predictors
 from flashllm.units import parse_size
 
@@ -63,11 +66,14 @@ class FlashModel:
         self.overhead_bytes = current_rss()  # Python, torch, libraries: before any weight is loaded
         self.bundle = bundle = Bundle(folder)
         self.settings, self.spec = settings, bundle.spec
-        L = bundle.config.num_hidden_layers
+        L, limit = bundle.config.num_hidden_layers, bundle.config.max_position_embeddings
+        if prefill_tokens >= limit:
+            raise FlashLLMError(f"the prompt has {prefill_tokens} tokens; the context holds {limit}")
+        max_tokens = min(max_tokens, limit)
         budget = parse_size(budget, of=bundle.manifest["sizes"]["total_bytes"], what="budget")
         predictors = None
         if settings.mode in ("predictor", "oracle"):  # the oracle uses the predictors' activation thresholds
-            predictors = load_predictors(bundle.folder, dtype=bundle.dtype)  # fp16 gemv is fast on CPU
+            predictors = load_predictors(bundle.folder, dtype=bundle.compute_dtype)  # fp16 gemv is fast on CPU
         self.mode = "dense" if settings.mode == "predictor" and predictors is None else settings.mode
         self.predictors = predictors if self.mode == "predictor" else None
         if self.predictors is not None and settings.recall is not None:
@@ -77,7 +83,7 @@ class FlashModel:
             self._check_int4_gate_up(bundle, predictors)
             parts = ("down",)
         self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
-        record = self.layouts[0].record_bytes
+        record = max(layout.record_bytes for layout in self.layouts)
         need = None
         if self.predictors is not None and self.predictors.window_stats:
             stats = self.predictors.window_stats
@@ -89,25 +95,41 @@ class FlashModel:
                                   merge_gap_bytes=settings.merge_gap_bytes)
         # the input embedding table needs one row per token: it stays on flash unless it is the LM head
         embedding = bundle.embedding_rows() if settings.flash_embedding else None
-        resident = bundle.resident_bytes
+        c, dtype = bundle.config, bundle.compute_dtype
+        skip = ("embed.weight",) if embedding is not None else ()
+        weights = {}
+        for name, tensor in bundle.resident_tensors(skip):  # one at a time into its compute form, the
+            weights[name] = tensor.to(dtype) if isinstance(tensor, torch.Tensor) else \
+                tensor if name == "embed.weight" else for_compute(tensor)
+            if not isinstance(tensor, torch.Tensor):
+                release_free_heap()  # conversion temporaries go back before the next one: a bounded peak
+        self.model = bundle.family.model(c, weights, dtype)  # quantized matrices take their compute form here
+        resident = self.model.nbytes
         if embedding is not None:
-            resident += FlashEmbedding.bytes_for(embedding[0], prefill_tokens) - embedding[0].count * embedding[0].stride
-        c = bundle.config
-        model_class = bundle.family.model
-        self.plan: BudgetPlan = plan_budget(budget, {
+            resident += FlashEmbedding.bytes_for(embedding[0], prefill_tokens)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        fixed = {
             "resident weights": resident,
             "predictors": self.predictors.nbytes if self.predictors is not None else 0,
-            "KV cache": KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, bundle.itemsize),
-            "activations": model_class.work_bytes_for(c, prefill_tokens, max_tokens),
-            "FFN work": FlashFFN.work_bytes_for(self.spec, record, prefill_tokens),
+            "KV cache": KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, itemsize),
+            "activations": type(self.model).work_bytes_for(c, prefill_tokens, max_tokens),
+            "FFN work": FlashFFN.work_bytes_for(self.spec, record, prefill_tokens, bundle.quantized),
             "reader staging": self.reader.staging_bound,
-        }, self.spec.n_ff, L, record, need, cache=settings.cache)
-        skip = ("embed.weight",) if embedding is not None else ()
-        weights = {name: tensor for name, tensor in bundle.resident_tensors(skip)}
-        self.model = model_class(c, weights, bundle.dtype)
+        }
+        self.notes: list[str] = []  # choices made for this budget, for --verbose
+        try:
+            self.plan: BudgetPlan = plan_budget(budget, fixed, self.spec.n_ff, L, record, need, cache=settings.cache)
+        except FlashLLMError:
+            if self.predictors is None or parts is not None:  # --gate-up int4 computes with the predictors
+                raise
+            # predictors that do not fit are dropped, never a reason to refuse: every neuron is read instead
+            self.notes.append(f"the predictors ({fixed['predictors'] / 1e6:,.0f} MB) do not fit the budget: "
+                              f"reading every neuron (mode dense)")
+            self.predictors, self.mode, fixed["predictors"] = None, "dense", 0
+            self.plan = plan_budget(budget, fixed, self.spec.n_ff, L, record, need, cache=settings.cache)
         self.model.limit_context(max_tokens)
         self.thresholds = list(thresholds) if thresholds is not None else \
-            predictors.activation_thresholds if predictors is not None else [0.0] * L
+            predictors.activation_thresholds if predictors is not None and self.mode != "dense" else [0.0] * L
         if len(self.thresholds) != L:
             raise FlashLLMError(f"{len(self.thresholds)} activation thresholds for a model of {L} layers")
         self.caches = [NeuronCache(self.spec.n_ff, cap, record, settings.policy, settings.window,
@@ -118,7 +140,7 @@ class FlashModel:
         self.model.use_ffn(self.ffn)
         self.embedding = None
         if embedding is not None:
-            self.embedding = FlashEmbedding(*embedding, bundle.dtype, self.reader, self.ffn.times)
+            self.embedding = FlashEmbedding(*embedding, dtype, self.reader, self.ffn.times, c.hidden_size)
             self.model.use_embedding(self.embedding)
         release_free_heap()  # loading left freed buffers in the C heap; the budget counts only what we keep
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from flashllm.errors import FlashLLMError
 from flashllm.models.ffn import FFNSpec, neuron_coefficients
 from flashllm.models.layers import KVCache
+from flashllm.models.qrows import for_compute, take_rows, weight_nbytes
 
 FFNFunction = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, x [T, d]) -> y [T, d]
 EmbeddingFunction = Callable[[torch.Tensor], torch.Tensor]  # token ids [T] -> rows [T, d]
@@ -64,8 +65,16 @@ class Transformer:
         self.weights = weights
         self.dtype = dtype
         self.spec: FFNSpec = self.ffn_spec(config)
+        for name, w in weights.items():  # quantized matrices in the form they compute fastest in
+            if name != "embed.weight":
+                weights[name] = for_compute(w)
         self.ffn: FFNFunction = self.ffn_dense
         self.embedding: EmbeddingFunction = self.embedding_lookup
+
+    @property
+    def nbytes(self) -> int:
+        """DRAM the weights keep (quantized ones in their compute form)."""
+        return sum(weight_nbytes(w) for w in self.weights.values())
 
     def use_ffn(self, provider: FFNFunction) -> None:
         """Compute every layer's FFN with `provider` from now on (the flash engine's, a recorder...)."""
@@ -112,7 +121,7 @@ class Transformer:
         return self.weights.get(name)
 
     def embedding_lookup(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.weights["embed.weight"][tokens]  # [T, d]
+        return take_rows(self.weights["embed.weight"], tokens).to(self.dtype)  # [T, d]
 
     def limit_context(self, max_tokens: int) -> None:
         """Size position tables for max_tokens instead of the model's whole context (saves DRAM)."""

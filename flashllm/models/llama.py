@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from flashllm.models.base import Family, Transformer
 from flashllm.models.ffn import FFNSpec
+from flashllm.models.qrows import linear
 from flashllm.models.layers import KVCache, Rotary, attend
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -178,7 +179,7 @@ class LlamaModel(Transformer):
         return F.rms_norm(h, (h.shape[-1],), self.weights[name], self.config.rms_norm_eps)
 
     def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"))
+        return linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"))
 
     def attention(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         c, p = self.config, f"layers.{layer}."
@@ -195,7 +196,8 @@ class LlamaModel(Transformer):
         return self._norm(h, f"layers.{layer}.ffn_norm.weight")
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self._norm(h, "norm.weight") @ self.lm_head.T  # [T, vocab]
+        x = self._norm(h, "norm.weight")
+        return x @ self.lm_head.T if isinstance(self.lm_head, torch.Tensor) else linear(x, self.lm_head)  # [T, vocab]
 
 
 def gguf_tensor_fixup(config: LlamaConfig, arch: str, canonical: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from flashllm.models.base import Family, Transformer
 from flashllm.models.ffn import FFNSpec
+from flashllm.models.qrows import linear
 from flashllm.models.layers import KVCache, attend
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq heritage)
@@ -105,7 +106,7 @@ class OPTModel(Transformer):
         return F.layer_norm(h, (h.shape[-1],), self.weights[name + ".weight"], self.weights[name + ".bias"])
 
     def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.weights[name + ".weight"], self.weights[name + ".bias"])
+        return linear(x, self.weights[name + ".weight"], self.weights[name + ".bias"])
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + tokens.shape[0]) + POSITION_OFFSET
@@ -124,7 +125,8 @@ class OPTModel(Transformer):
         return self._norm(h, f"layers.{layer}.ffn_norm")
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self._norm(h, "norm") @ self.weights["embed.weight"].T  # [T, vocab]
+        x, table = self._norm(h, "norm"), self.weights["embed.weight"]
+        return x @ table.T if isinstance(table, torch.Tensor) else linear(x, table)  # [T, vocab]
 
 
 FAMILY = Family(name="opt", config=OPTConfig, model=OPTModel, hf_names=HF_NAMES, gguf_names={})

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from flashllm.errors import FlashLLMError
-from flashllm.models.quant import _ROW_BLOCK, Int4Matrix
+from flashllm.models.quant import _ROW_BLOCK, Int4Matrix, kernel_available
 
 GROUP = 32  # values per scale (and min): GGUF's block of the 4/5/8-bit types
 KINDS = ("int4", "int8")
@@ -214,3 +215,43 @@ def to_int8_kernel(q: QRows | torch.Tensor) -> Int8ChannelMatrix:
     scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [n]
     codes = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
     return Int8ChannelMatrix(codes, scale)
+
+
+# -- weights of any form, as the model uses them ---------------------------------------------------
+
+Weight = "torch.Tensor | QRows | Int4Matrix"
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, k] @ w.T (+ bias) -> [T, n] in x's dtype, for a float matrix, QRows (expanded a block of
+    rows at a time) or a matrix in a kernel's form (Int4Matrix)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = project(x, w) if isinstance(w, QRows) else w.matmul(x)
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def take_rows(w, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a float matrix or QRows (expanded to float32): the embedding lookup."""
+    if isinstance(w, torch.Tensor):
+        return w[ids]
+    mins = w.mins[ids] if w.mins is not None else None
+    return dequantize_rows(QRows(w.kind, w.codes[ids], w.scales[ids], mins))
+
+
+def for_compute(w):
+    """The form a resident matrix computes fastest in: int4 rows in torch's int4 kernel layout where this
+    torch has it (the same 4.5-5 bits a weight), anything else as it is."""
+    if isinstance(w, QRows) and w.kind == "int4" and kernel_available():
+        return to_int4_kernel(w)
+    return w
+
+
+def weight_nbytes(w) -> int:
+    """DRAM a weight keeps, whatever its form."""
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    if isinstance(w, QRows):
+        return sum(t.numel() * t.element_size() for t in (w.codes, w.scales, w.mins) if t is not None)
+    return w.nbytes

@@ -12,7 +12,12 @@ import torch
 
 from flashllm.errors import FlashLLMError
 from flashllm.models import Family
+from flashllm.models.qrows import QRows, quantize_rows
 from flashllm.tokenizer import Tokenizer
+
+# (canonical name, kind, rows, columns) -> the tensor's rows (or, with columns, its columns as rows) as
+# QRows of that kind straight from the source's own grid; None where the source has no such grid
+QuantizedReader = Callable[[str, str, "slice | None", bool], "QRows | None"]
 
 
 @dataclass
@@ -28,6 +33,27 @@ class Source:
     size_bytes: int = 0
     fixup: Callable[[str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     metadata: dict = field(default_factory=dict, repr=False)
+    precisions: dict[str, str] = field(default_factory=dict, repr=False)  # canonical -> int4 / int8 / float16
+    quantized_reader: QuantizedReader | None = field(default=None, repr=False)
+
+    def precision_of(self, canonical: str) -> str:
+        """The precision class of a tensor as stored in the source ("int4", "int8" or "float16")."""
+        return self.precisions.get(canonical, "float16")
+
+    def quantized(self, canonical: str, kind: str, load: Callable[[slice | None], torch.Tensor],
+                  rows: slice | None = None, columns: bool = False) -> QRows:
+        """A tensor's rows (or with `columns`, all its columns, each as a row: the down projection's
+        neuron columns) as `kind` rows: from the source's own grid where it has one (GGUF blocks,
+        a quantized bundle), else quantized from the float values."""
+        q = self.quantized_reader(canonical, kind, rows, columns) if self.quantized_reader else None
+        if q is None:
+            w = load(None if columns else rows)
+            q = quantize_rows(w.T.contiguous() if columns else w, kind)
+        elif self.fixup is not None and not columns:  # q/k unpermuting: a permutation of whole rows
+            order = self.fixup(canonical, torch.arange(q.n, dtype=torch.float32).unsqueeze(1))[:, 0].long()
+            if not torch.equal(order, torch.arange(q.n)):
+                q = QRows(q.kind, q.codes[order], q.scales[order], q.mins[order] if q.mins is not None else None)
+        return q
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(canonical name, tensor) one at a time; checks names and shapes against the config."""

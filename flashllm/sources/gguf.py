@@ -10,8 +10,9 @@ import torch
 
 from flashllm.errors import FlashLLMError
 from flashllm.models import get_family
-from flashllm.sources.base import Source
+from flashllm.sources.base import NameTable, Source
 from flashllm.sources.checks import check_gguf, check_gguf_config
+from flashllm.sources.gguf_quant import GGUFTensor, precision_class, read_rows, transpose_requantize
 from flashllm.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -94,4 +95,22 @@ def open_gguf(path: Path) -> Source:
     fixup = None
     if family.gguf_fixup is not None:
         fixup = lambda canonical, tensor: family.gguf_fixup(config, arch, canonical, tensor)  # noqa: E731
-    return Source(path, "gguf", family, config, tokenizer, tensors, path.stat().st_size, fixup, meta)
+    table, raw, precisions = NameTable(family.gguf_names), {}, {}
+    for t in reader.tensors:
+        canonical = table.map(t.name)
+        if canonical is not None and len(t.shape) == 2:
+            try:
+                precisions[canonical] = precision_class(t.tensor_type)
+                raw[canonical] = GGUFTensor.from_reader(path, t)
+            except FlashLLMError:
+                continue  # a type we only dequantize: it converts through float
+
+    def quantized(canonical: str, kind: str, rows: slice | None, columns: bool):
+        """Rows straight from the file's blocks: Q4_x -> int4 and Q8_0/Q5_0 -> int8 keep their grid."""
+        tensor = raw.get(canonical)
+        if tensor is None or precisions[canonical] == "float16":
+            return None
+        return transpose_requantize(tensor, kind) if columns else read_rows(tensor, rows, kind)
+
+    return Source(path, "gguf", family, config, tokenizer, tensors, path.stat().st_size, fixup, meta,
+                  precisions, quantized)

@@ -244,7 +244,7 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
               "val": _sequences(train_ids[-n_val:], context, bos),
               "heldout": _sequences(heldout_ids, context, bos) if heldout_ids else []}
 
-    weights = {name: t.float() for name, t in b.resident_tensors()}
+    weights = {name: t.float() for name, t in b.resident_tensors(expand=True)}
     model = b.family.model(config, weights, torch.float32)
     g = torch.Generator().manual_seed(seed)
     h = {k: [model.embed(s, 0) for s in seqs] for k, seqs in groups.items()}  # [T, d] per sequence

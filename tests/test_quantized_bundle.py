@@ -1,0 +1,105 @@
+"""Quantized bundles: convert picks each tensor's kind, the records and resident tensors hold quantized rows,
+and the budgeted engine on them equals the dense model of the same quantized weights."""
+
+import json
+
+import pytest
+import torch
+
+from flashllm.bundle.reader import Bundle
+from flashllm.bundle.verify import verify
+from flashllm.bundle.writer import convert
+from flashllm.engine.flash_model import FlashModel, FlashSettings
+from flashllm.engine.generate import SamplingSettings, load_dense
+from flashllm.models.qrows import QRows, row_bytes
+from flashllm.models.quant import Int4Matrix
+from tests.tiny import tiny_llama
+
+IDS = [5, 17, 3, 88, 41, 2, 60, 60, 9, 33]
+BIG = 10**10
+
+
+def flash_logits(flash: FlashModel, ids=IDS) -> torch.Tensor:
+    model = flash.model
+    cache = model.new_cache(len(ids))
+    half = len(ids) // 2
+    out = [model.forward(torch.tensor(ids[:half]), 0, cache)]
+    for pos in range(half, len(ids)):
+        out.append(model.forward(torch.tensor([ids[pos]]), pos, cache))
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quantized(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    out = root / "bundle"
+    convert(tiny_llama(root / "src", vocab_size=256), out, dtype=request.param)
+    return request.param, out
+
+
+def test_convert_stores_every_matrix_in_the_asked_kind(quantized):
+    kind, folder = quantized
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["weights"] == kind
+    kinds = manifest["resident"]["kinds"]
+    assert kinds["layers.0.attn.q.weight"] == kind and kinds["embed.weight"] == kind
+    assert "layers.0.attn_norm.weight" not in kinds  # vectors stay in the float dtype
+    parts = {p["name"]: p for r in manifest["ffn"]["layers"][0]["regions"] for p in r["parts"]}
+    assert {name: p.get("kind") for name, p in parts.items()} == {"gate": kind, "up": kind, "down": kind}
+    bundle = Bundle(folder)
+    assert bundle.quantized and bundle.compute_dtype == torch.float32
+    assert bundle.record_layout(0).record_bytes == 3 * row_bytes(kind, 64)
+    assert verify(folder) == []
+
+
+def test_quantized_rows_are_within_half_a_step_of_the_source(quantized, tmp_path):
+    kind, folder = quantized
+    reference = load_dense(tiny_llama(tmp_path / "src", vocab_size=256)).model.weights
+    dense = load_dense(folder).model.weights  # the bundle's rows expanded to float32
+    for name in ("layers.1.attn.q.weight", "layers.0.ffn.gate.weight", "layers.1.ffn.down.weight", "embed.weight"):
+        w, q = reference[name], dense[name]
+        rows = w.T if name.endswith("down.weight") else w  # down is stored by columns
+        groups = rows.reshape(rows.shape[0], -1, 32)
+        step = (groups.amax(-1) - groups.amin(-1)) / 15 if kind == "int4" else groups.abs().amax(-1) / 127
+        err = ((q.T if name.endswith("down.weight") else q) - rows).abs().reshape_as(groups)
+        assert bool((err <= step.unsqueeze(-1) * 0.5 + 1e-3 * step.unsqueeze(-1) + 1e-6).all()), name
+
+
+def test_engine_on_every_neuron_equals_the_dense_quantized_model(quantized):
+    kind, folder = quantized
+    flash = FlashModel.open(folder, BIG, FlashSettings(mode="dense"), 32, 16)
+    if kind == "int4":  # resident matrices compute in torch's int4 kernel; the embedding stays rows
+        assert isinstance(flash.model.weights["layers.0.attn.q.weight"], (Int4Matrix, QRows))
+    dense = load_dense(folder).model
+    reference = dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)))
+    ours = flash_logits(flash)
+    # the int4 kernel keeps scale and zero in bfloat16: a few parts in a thousand of the logits' range
+    tolerance = 2e-2 * float(reference.abs().max()) if kind == "int4" else 1e-4 * float(reference.abs().max())
+    assert (ours - reference).abs().max() < tolerance
+    # streaming every record past a tiny cache gives the same numbers as holding them all
+    small = FlashModel.open(folder, flash.plan.fixed_bytes + 2 * 3 * flash.plan.record_bytes * 16,
+                            FlashSettings(mode="dense"), 32, 16)
+    assert max(small.plan.capacities) < flash.spec.n_ff
+    assert (flash_logits(small) - ours).abs().max() < 1e-5
+    tokens = list(small.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False)))
+    assert tokens == list(flash.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False)))
+
+
+def test_quantized_bundle_needs_less_dram_than_float16(quantized, tmp_path):
+    kind, folder = quantized
+    fp16 = tmp_path / "fp16"
+    convert(tiny_llama(tmp_path / "src", vocab_size=256), fp16, dtype="float16")
+    q = FlashModel.open(folder, BIG, FlashSettings(mode="dense"), 32, 16)
+    f = FlashModel.open(fp16, BIG, FlashSettings(mode="dense"), 32, 16)
+    assert q.plan.parts["resident weights"] < f.plan.parts["resident weights"]
+    assert q.plan.record_bytes < f.plan.record_bytes
+
+
+def test_converting_a_quantized_bundle_keeps_its_rows(quantized, tmp_path):
+    kind, folder = quantized
+    split = tmp_path / "split"
+    convert(folder, split, dtype=kind, layout="split")
+    a, b = Bundle(folder), Bundle(split)
+    assert a.kinds == b.kinds
+    for name in ("layers.0.ffn.gate.weight", "layers.1.ffn.down.weight"):
+        assert torch.equal(a.dense_ffn(int(name.split(".")[1]))[name], b.dense_ffn(int(name.split(".")[1]))[name])
