@@ -200,7 +200,7 @@ def _bundle_for(model: str) -> Path:
             console.print(f"converting {model} into {folder} (once)", highlight=False)
             folder.parent.mkdir(parents=True, exist_ok=True)
             with _progress("converting") as bar:
-                convert(source, folder, progress=bar)
+                convert(source, folder, dtype="float16", progress=bar)  # the measured default; see README
         return folder
     if path.exists():
         raise FlashLLMError(f"{path} is not a bundle; --dram-budget needs one: flashllm convert {path} OUT")

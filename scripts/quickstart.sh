@@ -9,7 +9,7 @@ BUDGET=${BUDGET:-60%}
 flashllm pull "$MODEL" >/dev/null
 if [ ! -f "$BUNDLE/manifest.json" ]; then
   mkdir -p "$(dirname "$BUNDLE")"
-  flashllm convert "$MODEL" "$BUNDLE"
+  flashllm convert "$MODEL" "$BUNDLE" --dtype float16
 fi
 if [ ! -f "$BUNDLE/predictors.json" ]; then
   flashllm train-predictor "$BUNDLE" --tokens 8192 --eval-tokens 2048
