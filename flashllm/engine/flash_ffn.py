@@ -64,7 +64,8 @@ class FlashFFN:
         expansion and the block's products."""
         work = SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
         if quantized:
-            work += COMPUTE_ROWS * (record_bytes + spec.d * 4 + tokens * 4 * 3)
+            # gate, up and down each expand their block into a float32 buffer of its own
+            work += COMPUTE_ROWS * (record_bytes + 3 * spec.d * 4 + tokens * 4 * 3)
         return work
 
     @property
