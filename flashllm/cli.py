@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -260,7 +261,7 @@ def verify(bundle: Path = typer.Argument(..., help="A bundle folder.")):
 @app.command()
 def bench(
     ctx: typer.Context,
-    target: str = typer.Argument(..., help="A bundle folder or known model name, or `io` for the disk benchmark."),
+    target: str = typer.Argument(..., help="A bundle folder or known model name, `io` for the disk benchmark, or `clean` to remove the split-layout copies bench made."),
     path: Optional[Path] = typer.Argument(None, help="With `io`: a file or folder on the disk to measure."),
     quick: bool = typer.Option(False, "--quick", help="`io`: seconds, not a minute. Models: 1 prompt, 16+16 tokens."),
     dram_budget: str = typer.Option("50%", "--dram-budget", "-b", help="DRAM budget: 1.5GB, 800MiB or 50%."),
@@ -269,7 +270,7 @@ def bench(
     tokens: int = typer.Option(256, min=2, help="Tokens decoded per prompt (teacher-forced on the real text)."),
     strategies: Optional[str] = typer.Option(None, help="Comma-separated: naive, hybrid, page-cache, predictor, predictor+window, all, oracle, int4-gate-up (default: all of them; int4-gate-up where the predictors are int4 on a gated FFN)."),
     window: int = typer.Option(4, min=1, help="The cache's window (the paper's k)."),
-    policy: str = typer.Option("lru", help="Cache policy for the windowed strategies: lru, window, pinned."),
+    policy: str = typer.Option("lru", help="Cache policy for the windowed strategies: lru, window, pinned or static."),
     threads: Optional[int] = typer.Option(None, min=1, help="Flash reader threads."),
     corpus: Optional[str] = typer.Option(None, help="Text file or folder for the prompts (default: built-in held-out)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
@@ -291,6 +292,13 @@ def bench(
             with _progress("measuring") as bar:
                 profile = run_io_bench(path, quick=quick, progress=bar)
             console.print(format_profile_table(profile))
+            return
+        if target == "clean":
+            from flashllm.measure.bench import clean_copies, copies_folder
+
+            removed, freed = clean_copies()
+            typer.echo(f"{copies_folder()}: removed {removed} split-layout cop{'y' if removed == 1 else 'ies'}, "
+                       f"{freed / 1e6:,.0f} MB freed")
             return
         import json
 
@@ -321,6 +329,13 @@ def bench(
         if json_file:
             json_file.write_text(json.dumps(report, indent=1))
             console.print(f"report: {json_file}", highlight=False)
+        from flashllm.errors import FlashLLMError
+
+        runs = report["sweep"] if sweep else [report]
+        failed = sorted({r["name"] for run in runs for r in run["strategies"] if r["note"].startswith("failed:")})
+        if failed:  # the table shows why; a partial benchmark is not a success
+            raise FlashLLMError(f"{len(failed)} strateg{'y' if len(failed) == 1 else 'ies'} failed: "
+                                f"{', '.join(failed)} (see the notes above)")
 
 
 
@@ -411,13 +426,31 @@ def perplexity(
 
 @contextlib.contextmanager
 def _progress(label: str):
-    """A rich progress bar on stderr, handed to library code as a (done, total, what) callback."""
+    """A rich progress bar on stderr, handed to library code as a (done, total, what) callback. When stderr
+    is not a terminal (a log file, CI, a pipe) a bar cannot redraw: plain lines instead, one per
+    PLAIN_PROGRESS_SECONDS (none for a shorter step, so an error stays one line) and the last."""
+    if not console.is_terminal:
+        last = {"at": time.monotonic(), "said": False}
+
+        def plain(done, total, what):
+            now = time.monotonic()
+            if now - last["at"] >= PLAIN_PROGRESS_SECONDS or (last["said"] and total and done >= total):
+                of = f"{done}/{total}" if total else f"{done}"
+                sys.stderr.write(f"{label}: {of} {what}\n")
+                sys.stderr.flush()
+                last.update(at=now, said=True)
+
+        yield plain
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=console, transient=True) as bar:
         task = bar.add_task("", total=None)
         yield lambda done, total, what: bar.update(task, completed=done, total=total, description=what)
+
+
+PLAIN_PROGRESS_SECONDS = 10
 
 
 def _require_tokenizer(tokenizer, path: Path):

@@ -63,7 +63,7 @@ def products(d: int, n: int, m: int) -> dict:
     half = w.half()
     q8 = qrows.from_records(qrows.to_records(qrows.quantize_rows(w, "int8")), "int8", d)
     q4 = qrows.from_records(qrows.to_records(qrows.quantize_rows(w, "int4")), "int4", d)
-    work = torch.empty(COMPUTE_ROWS, d)
+    work = qrows.Workspace(d, COMPUTE_ROWS)
     xh, ah = x.half(), a.half()
     k8 = qrows.to_int8_kernel(q8)
     ops = {

@@ -73,3 +73,38 @@ def test_cli_bench_quick_json(bundle, tmp_path):
 def test_bench_unknown_strategy(bundle):
     result = CliRunner().invoke(app, ["bench", str(bundle), "--quick", "--strategies", "magic"])
     assert result.exit_code == 1 and "unknown strategy" in result.stderr
+
+
+def test_failed_strategies_exit_nonzero_and_bench_clean_removes_the_copies(bundle, tmp_path):
+    from flashllm.measure.bench import copies_folder
+
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["bench", str(bundle), "--quick", "--strategies", "naive,predictor",
+                                      "--dram-budget", "1MB", "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "2 strategies failed: naive, predictor" in result.stderr
+    rows = {r["name"]: r for r in json.loads(out.read_text())["strategies"]}  # the report is still written
+    assert rows["naive"]["note"].startswith("failed:") and rows["resident"]["tokens"] > 0
+    assert "copying the bundle to" in result.stderr  # the split copy is announced, with its size
+    assert len(list(copies_folder().iterdir())) == 1
+    result = CliRunner().invoke(app, ["bench", "clean"])
+    assert result.exit_code == 0 and "removed 1 split-layout copy" in result.stdout
+    assert not any(copies_folder().iterdir())
+
+
+def test_page_cache_row_has_no_ratio_to_naive():
+    from flashllm import render
+
+    row = lambda name, engine, read: {"name": name, "engine": engine, "tokens": 4, "bytes_read_per_token": read,  # noqa: E731
+                                      "ms_per_token": {k: 1.0 for k in ("io", "memory", "predictor", "compute", "total")},
+                                      "ms_per_token_spread": {"p10": 1, "p90": 1}, "read_gbps": 0.0,
+                                      "cache_hit_rate": None, "peak_rss_bytes": 1, "top1_agreement": 1.0,
+                                      "perplexity": 2.0, "note": ""}
+    report = {"model": "m", "budget_bytes": 10, "model_bytes": 20, "prompts": 1, "tokens": 4,
+              "strategies": [row("naive", "flash", 1e6), row("page-cache", "mmap", 7.0), row("hybrid", "flash", 5e5)]}
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
+    console.print(render.bench_table(report))
+    text = console.export_text()
+    assert "2.0x fewer bytes" in text and "142857" not in text

@@ -21,7 +21,7 @@ from flashllm.cli import app
 from flashllm.engine.generate import load_dense
 from flashllm.errors import FlashLLMError
 from tests.test_cli_errors import assert_one_line_error
-from tests.tiny import tiny_llama, tiny_opt
+from tests.tiny import tiny_llama, tiny_opt, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -182,3 +182,41 @@ def test_not_a_bundle(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(FlashLLMError, match="not a flashllm bundle"):
         Bundle(tmp_path)
+
+
+def test_verify_covers_the_tokenizer_and_the_predictors(tmp_path):
+    from flashllm.sparsity.train import train_predictors
+
+    out = tmp_path / "bundle"
+    source = tiny_llama(tmp_path / "src", vocab_size=300)
+    tiny_tokenizer(source, 300)
+    convert(source, out)
+    recorded = {entry["file"] for entry in Bundle(out).manifest["files"]}
+    assert "tokenizer.json" in recorded and "manifest.json" not in recorded
+    train_predictors(out, tokens=1500, eval_tokens=0, context=64, sparsity=0.5)
+    assert verify(out) == []
+    tokenizer = out / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace("<", "[", 1))
+    predictors = out / "predictors.safetensors"
+    data = bytearray(predictors.read_bytes())
+    data[-1] ^= 0xFF
+    predictors.write_bytes(bytes(data))
+    problems = verify(out)
+    assert any("tokenizer.json" in p for p in problems) and any(p.startswith("predictors:") for p in problems)
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    """In a log or CI a bar cannot redraw: a plain line once an interval has passed, then one per interval
+    and the last; a step shorter than the interval prints nothing (an error stays one line)."""
+    from flashllm import cli
+
+    source = make(tmp_path, "llama")
+    result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "quiet")])
+    assert result.exit_code == 0 and "converting:" not in result.stderr
+    monkeypatch.setattr(cli, "PLAIN_PROGRESS_SECONDS", 0.0)  # every update is past the interval
+    result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "bundle")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("converting: ")]
+    assert len(lines) > 2, result.stderr
+    done, total = lines[-1].split()[1].split("/")
+    assert done == total

@@ -37,6 +37,13 @@ def test_neuron_cache(capacity):
     assert cache.nbytes == NeuronCache.bytes_for(160, capacity, 3 * 64 * 4)
 
 
+def test_quantized_workspace():
+    from flashllm.models.qrows import Workspace
+
+    for k, rows in ((576, 1024), (96, 32)):
+        assert Workspace(k, rows).nbytes == Workspace.bytes_for(k, rows)
+
+
 def test_kv_cache_and_rotary():
     for dtype, itemsize in ((torch.float32, 4), (torch.float16, 2)):
         assert KVCache(3, 17, 2, 16, dtype).nbytes == KVCache.bytes_for(3, 17, 2, 16, itemsize)
@@ -76,6 +83,7 @@ def test_flash_model_holders_match_the_plan(bundle):
     assert parts["KV cache"] == flash.model.new_cache(32).nbytes
     assert flash.model.rotary.nbytes == Rotary.bytes_for(c.head_dim, 32)
     assert parts["reader staging"] == flash.reader.staging_bound
+    assert parts["quantized work"] == 0 and flash.workspace is None  # a float bundle expands nothing
     caches = sum(cache.nbytes for cache in flash.caches)
     assert caches == flash.plan.cache_bytes + parts["cache index"]
     assert flash.ffn.nbytes == SCRATCH_ROWS * flash.plan.record_bytes <= parts["FFN work"]

@@ -36,6 +36,23 @@ def test_kv_cache_decode_equals_recompute(tiny):
     assert (torch.cat(step_logits) - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("max_pass", [1, 4, 5, 13])
+def test_prefill_in_passes_equals_one_pass(tiny, max_pass):
+    model = load_dense(tiny).model
+    whole = model.forward(torch.tensor(IDS), 0, model.new_cache(len(IDS)), last_only=True)
+    model.limit_pass(max_pass)
+    cache = model.new_cache(len(IDS) + 1)
+    passes = model.forward(torch.tensor(IDS), 0, cache, last_only=True)
+    assert passes.shape == whole.shape == (1, whole.shape[1])
+    assert (passes - whole).abs().max().item() < 1e-5
+    # the cache holds every prompt position: the next token decodes as after one pass
+    after = model.forward(torch.tensor([7]), len(IDS), cache)
+    model.limit_pass(len(IDS))
+    reference = model.new_cache(len(IDS) + 1)
+    model.forward(torch.tensor(IDS), 0, reference, last_only=True)
+    assert (after - model.forward(torch.tensor([7]), len(IDS), reference)).abs().max().item() < 1e-5
+
+
 def test_qwen2_biases_are_used(tmp_path):
     folder = tiny_llama(tmp_path / "q", kind="qwen2")
     model = load_dense(folder).model

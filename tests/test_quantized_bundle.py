@@ -13,7 +13,7 @@ from flashllm.engine.flash_model import FlashModel, FlashSettings
 from flashllm.engine.generate import SamplingSettings, load_dense
 from flashllm.models.qrows import QRows, row_bytes
 from flashllm.models.quant import Int4Matrix
-from tests.tiny import tiny_llama
+from tests.tiny import tiny_llama, tiny_tokenizer
 
 IDS = [5, 17, 3, 88, 41, 2, 60, 60, 9, 33]
 BIG = 10**10
@@ -103,3 +103,32 @@ def test_converting_a_quantized_bundle_keeps_its_rows(quantized, tmp_path):
     assert a.kinds == b.kinds
     for name in ("layers.0.ffn.gate.weight", "layers.1.ffn.down.weight"):
         assert torch.equal(a.dense_ffn(int(name.split(".")[1]))[name], b.dense_ffn(int(name.split(".")[1]))[name])
+
+
+def test_int4_predictors_of_an_int4_bundle_are_its_own_gate_up(tmp_path):
+    """On an int4 bundle the 4-bit predictor is the layer's own gate/up (same codes, nothing requantized),
+    so --gate-up int4 (gate/up from DRAM, only down columns read) computes the model itself."""
+    from safetensors.torch import load_file
+
+    from flashllm.sparsity.train import train_predictors
+
+    out = tmp_path / "split"
+    source = tiny_llama(tmp_path / "src", vocab_size=256)
+    tiny_tokenizer(source, 256)
+    convert(source, out, dtype="int4", layout="split")
+    train_predictors(out, tokens=1500, eval_tokens=0, context=64, sparsity=0.5)
+    bundle, stored = Bundle(out), load_file(str(out / "predictors.safetensors"))
+    for layer in range(bundle.config.num_hidden_layers):
+        q = bundle.dense_ffn(layer, keep_quantized=True)
+        gate, up = q[f"layers.{layer}.ffn.gate.weight"], q[f"layers.{layer}.ffn.up.weight"]
+        codes = stored[f"layers.{layer}.predictor.codes"]
+        assert torch.equal(codes[:2 * gate.n], torch.cat([gate.codes, up.codes]))
+    L = bundle.config.num_hidden_layers
+    flash = FlashModel.open(out, BIG, FlashSettings(mode="predictor", gate_up="int4"), max_tokens=len(IDS),
+                            prefill_tokens=5, thresholds=[0.0] * L)
+    dense = load_dense(out).model
+    expected = dense.forward(torch.tensor(IDS), 0, dense.new_cache(len(IDS)))
+    got = flash_logits(flash)
+    # the same weights up to the kernel's bfloat16 scales and zeros (2^-9 relative)
+    assert (got - expected).abs().max().item() < 0.02 * expected.abs().max().item()
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()

@@ -49,6 +49,7 @@ MANIFEST_TABLE = Dict({
                  "layers": List(LAYER, min_items=1)}),
     "sizes": Dict({"resident_bytes": Int(0), "ffn_bytes": Int(1), "ffn_useful_bytes": Int(0),
                    "padding_bytes": Int(0), "total_bytes": Int(1)}),
+    "files": List(Dict({"file": Field("file"), "bytes": Int(0), "sha256": Str()}), required=False),
 })
 TENSOR = Dict({"dtype": Str(*SAFETENSORS_DTYPES), "shape": List(Int(0)), "data_offsets": List(items=(Int(0), Int(0)))})
 

@@ -294,6 +294,9 @@ def _manifest(src, config, spec: FFNSpec, dtype: torch.dtype, weights: str, layo
                 "layers": layers},
         "sizes": {"resident_bytes": resident_bytes, "ffn_bytes": ffn_bytes, "ffn_useful_bytes": useful,
                   "padding_bytes": ffn_bytes - useful, "total_bytes": resident_bytes + ffn_bytes},
+        # the other files convert wrote (the tokenizer's), so that verify covers every file
+        "files": [{"file": path.name, "bytes": path.stat().st_size, "sha256": hash_files([path])}
+                  for path in sorted(folder.iterdir()) if path.is_file() and path.name != RESIDENT],
     }
 
 

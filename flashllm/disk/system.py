@@ -115,3 +115,29 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+MMAP_THRESHOLD = 256 * 1024  # C allocations above this are mapped and unmapped, never kept in the heap
+MALLOC_ARENAS = 2
+
+
+def bound_heap() -> None:
+    """Make glibc's malloc keep little beyond what is live, for the whole process (elsewhere nothing).
+
+    By default glibc raises its mmap threshold to the size of any mapped block that is freed (up to
+    32 MiB, reached while weights load), so every later temporary below that comes from the heap and
+    its pages stay there once freed, in holes between live blocks: whether a layer's temporaries found
+    a hole or grew the heap moved the peak by several MB from run to run. A fixed threshold (which also
+    stops the raising) maps every larger block and unmaps it when freed; the heap's free top goes back
+    above twice that. And each thread that mallocs (reader threads, torch's intra-op threads) would get
+    an arena of its own, up to 8 per core, each keeping its own free blocks: two arenas in all."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc's malloc.h
+        libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+        libc.mallopt(m_trim_threshold, 2 * MMAP_THRESHOLD)
+        libc.mallopt(m_arena_max, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass

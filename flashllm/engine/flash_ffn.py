@@ -19,7 +19,7 @@ from flashllm.disk.reader import FlashReader, RecordRegion
 from flashllm.engine.cache import NeuronCache
 from flashllm.engine.stats import TokenTimes
 from flashllm.models.ffn import COMPUTE_ROWS, FFNSpec, active_mask, ffn_over_rows, neuron_coefficients
-from flashllm.models.qrows import dequantize_rows, from_records
+from flashllm.models.qrows import Workspace, dequantize_rows, from_records
 from flashllm.sparsity.predictors import Predictors
 
 SCRATCH_ROWS = 512  # records streamed past the cache per chunk
@@ -45,13 +45,19 @@ class FlashFFN:
 
     def __init__(self, spec: FFNSpec, layouts: list[RecordLayout], caches: list[NeuronCache], reader: FlashReader,
                  mode: str, thresholds: list[float], predictors: Predictors | None = None,
-                 oracle_weights: list[dict] | None = None, estimate_gate_up: bool = False):
+                 oracle_weights: list[dict] | None = None, estimate_gate_up: bool = False,
+                 work: Workspace | None = None):
         self.spec, self.layouts, self.caches, self.reader = spec, layouts, caches, reader
         self.mode, self.thresholds = mode, list(thresholds)
         self.predictors, self.oracle_weights = predictors, oracle_weights
         self.estimate_gate_up = estimate_gate_up
         record = max(layout.record_bytes for layout in layouts)
         self.scratch = np.zeros((SCRATCH_ROWS, record), dtype=np.uint8)  # [rows, record bytes]
+        # quantized records: the needed cache rows are gathered a block at a time into one buffer, and
+        # expanded into the shared workspace (both made once: see work_bytes_for)
+        self.quantized = any(layout.quantized for layout in layouts)
+        self.gathered = np.zeros((COMPUTE_ROWS if self.quantized else 0, record), dtype=np.uint8)
+        self.work = work
         self.times = TokenTimes()
         self.counters = FlashCounters()
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
@@ -60,17 +66,16 @@ class FlashFFN:
     @staticmethod
     def work_bytes_for(spec: FFNSpec, record_bytes: int, tokens: int, quantized: bool = False) -> int:
         """Memory the FFN's work takes beyond its caches: the scratch rows and the temporaries of a
-        forward pass over `tokens` tokens; quantized records add a block of gathered rows, its float32
-        expansion and the block's products."""
+        forward pass over `tokens` tokens; quantized records add the buffer of gathered rows and a block's
+        products (gate, up, coefficients). Their expansion goes into the model's Workspace, counted there."""
         work = SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
         if quantized:
-            # gate, up and down each expand their block into a float32 buffer of its own
-            work += COMPUTE_ROWS * (record_bytes + 3 * spec.d * 4 + tokens * 4 * 3)
+            work += COMPUTE_ROWS * (record_bytes + tokens * 4 * 3)
         return work
 
     @property
     def nbytes(self) -> int:
-        return self.scratch.nbytes
+        return self.scratch.nbytes + self.gathered.nbytes
 
     def record_trace(self) -> None:
         """From now on keep every token's needed set per layer in `trace` (policy replay)."""
@@ -101,7 +106,8 @@ class FlashFFN:
             y = torch.zeros(x.shape[0], self.spec.d, dtype=x.dtype)
             for start in range(0, len(ids), COMPUTE_ROWS):
                 block = slice(start, start + COMPUTE_ROWS)
-                y += self._compute(layer, x, mask, cache.matrix[slots[block]], ids[block])
+                rows = np.take(cache.matrix, slots[block], axis=0, out=self.gathered[:len(slots[block])])
+                y += self._compute(layer, x, mask, rows, ids[block])
         else:  # float rows: the FFN over the whole cache matrix in place, restricted by the mask
             y = self._compute(layer, x, mask, cache.matrix[:cache.num_used], cache.pointer[:cache.num_used])
         self.times.ffn_compute += time.perf_counter() - t3
@@ -148,9 +154,9 @@ class FlashFFN:
             a = (self._estimate[:, index] * mask[:, index]).to(x.dtype)
         else:
             bias = parts["up_bias"][:, 0] if "up_bias" in parts else None
-            a = neuron_coefficients(self.spec, x, parts.get("gate"), parts["up"], bias)  # [T, n]
+            a = neuron_coefficients(self.spec, x, parts.get("gate"), parts["up"], bias, self.work)  # [T, n]
             a = a * (mask[:, index] & active_mask(self.spec, a, self.thresholds[layer]))
-        return ffn_over_rows(a, parts["down"], x.dtype)  # [T, d]
+        return ffn_over_rows(a, parts["down"], x.dtype, self.work)  # [T, d]
 
 
 class FlashEmbedding:

@@ -12,7 +12,7 @@ import torch
 from flashllm.bundle.reader import Bundle
 from flashllm.disk.profile import IOProfile
 from flashllm.disk.reader import FlashReader
-from flashllm.disk.system import current_rss, kernel_read_bytes, peak_rss, release_free_heap
+from flashllm.disk.system import bound_heap, current_rss, kernel_read_bytes, peak_rss, release_free_heap
 from flashllm.engine.budget import BudgetPlan, plan_budget
 from flashllm.engine.cache import POLICIES, NeuronCache
 from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN
@@ -20,13 +20,14 @@ from flashllm.engine.generate import GenerationStats, SamplingSettings, generate
 from flashllm.engine.stats import FlashStats
 from flashllm.errors import FlashLLMError
 from flashllm.models.layers import KVCache
-from flashllm.models.qrows import for_compute
-from flashllm.sparsity.predictors import Predictors, load_predictors
+from flashllm.models.qrows import Workspace, for_compute
+from flashllm.sparsity.predictors import Predictors, load_predictors, predictors_nbytes, read_settings
 from flashllm.units import parse_size
 
 MODES = ("predictor", "oracle", "dense")
 READ_BYTES = 128 * 1024  # the reader's largest request and per-worker chunk
 MAX_THREADS = 16  # per-layer reads are small; more threads only add staging memory
+PREFILL_PASS = 64  # prompt tokens per forward pass of the prefill (each pass reads its tokens' union)
 
 @dataclass(frozen=True)
 class FlashSettings:
@@ -67,8 +68,9 @@ class FlashModel:
     thresholds (perplexity's calibrated ones)."""
 
     def __init__(self, folder: Path, budget: int | str, settings: FlashSettings, max_tokens: int,
-                 prefill_tokens: int, thresholds: list[float] | None = None):
+                 prefill_tokens: int, thresholds: list[float] | None = None, pass_tokens: int | None = None):
         settings.check()
+        bound_heap()
         start_runtime()
         self.overhead_bytes = current_rss()  # Python, torch, libraries: before any weight is loaded
         self.bundle = bundle = Bundle(folder)
@@ -77,23 +79,25 @@ class FlashModel:
         if prefill_tokens >= limit:
             raise FlashLLMError(f"the prompt has {prefill_tokens} tokens; the context holds {limit}")
         max_tokens = min(max_tokens, limit)
+        # the longest forward pass: a prompt's prefill runs in passes of PREFILL_PASS tokens at most
+        pass_tokens = max(1, min(pass_tokens or min(prefill_tokens, PREFILL_PASS), max_tokens))
         budget = parse_size(budget, of=bundle.manifest["sizes"]["total_bytes"], what="budget")
-        predictors = None
-        if settings.mode in ("predictor", "oracle"):  # the oracle uses the predictors' activation thresholds
-            predictors = load_predictors(bundle.folder, dtype=bundle.compute_dtype)  # fp16 gemv is fast on CPU
-        self.mode = "dense" if settings.mode == "predictor" and predictors is None else settings.mode
-        self.predictors = predictors if self.mode == "predictor" else None
-        if self.predictors is not None and settings.recall is not None:
-            self.predictors = self.predictors.with_recall(settings.recall)
+        # the predictors' settings now; their weights only once the plan keeps them (loading them first
+        # and dropping them for the budget made a transient peak above it)
+        psettings = read_settings(bundle.folder) if settings.mode in ("predictor", "oracle") else None
+        self.mode = "dense" if settings.mode == "predictor" and psettings is None else settings.mode
+        use_predictors = self.mode == "predictor"
+        if use_predictors and settings.recall is not None:
+            Predictors.check_recall(psettings, settings.recall)
         parts = None  # the record parts read from flash (None: all)
         if settings.gate_up == "int4":
-            self._check_int4_gate_up(bundle, predictors)
+            self._check_int4_gate_up(bundle, psettings)
             parts = ("down",)
         self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
         record = max(layout.record_bytes for layout in self.layouts)
         need = None
-        if self.predictors is not None and self.predictors.window_stats:
-            stats = self.predictors.window_stats
+        stats = psettings.get("window_stats") if use_predictors else None
+        if stats:
             k = min(settings.window, len(stats["distinct"][0])) - 1
             need = [layer[k] for layer in stats["distinct"]]
         # requests of 128 KiB already reach the disk's bandwidth (docs/DESIGN.md §3); smaller staging, more cache
@@ -111,40 +115,53 @@ class FlashModel:
             if not isinstance(tensor, torch.Tensor):
                 release_free_heap()  # conversion temporaries go back before the next one: a bounded peak
         self.model = bundle.family.model(c, weights, dtype)  # quantized matrices take their compute form here
+        # one workspace for every expansion of quantized rows: the FFN's records, QRows matrices, the head
+        width = max(self.model.quantized_width, self.spec.d if bundle.quantized else 0)
+        self.workspace = Workspace(width) if width else None
         resident = self.model.nbytes
         if embedding is not None:
-            resident += FlashEmbedding.bytes_for(embedding[0], prefill_tokens)
+            resident += FlashEmbedding.bytes_for(embedding[0], pass_tokens)
         itemsize = torch.empty((), dtype=dtype).element_size()
         fixed = {
             "resident weights": resident,
-            "predictors": self.predictors.nbytes if self.predictors is not None else 0,
+            "predictors": predictors_nbytes(bundle.folder, dtype) if use_predictors else 0,
             "KV cache": KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, itemsize),
-            "activations": type(self.model).work_bytes_for(c, prefill_tokens, max_tokens),
-            "FFN work": FlashFFN.work_bytes_for(self.spec, record, prefill_tokens, bundle.quantized),
+            "activations": type(self.model).work_bytes_for(c, pass_tokens, max_tokens),
+            "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized),
             "reader staging": self.reader.staging_bound,
+            "quantized work": self.workspace.nbytes if self.workspace is not None else 0,
         }
         self.notes: list[str] = []  # choices made for this budget, for --verbose
         try:
             self.plan: BudgetPlan = plan_budget(budget, fixed, self.spec.n_ff, L, record, need, cache=settings.cache)
         except FlashLLMError:
-            if self.predictors is None or parts is not None:  # --gate-up int4 computes with the predictors
+            if not use_predictors or parts is not None:  # --gate-up int4 computes with the predictors
                 raise
             # predictors that do not fit are dropped, never a reason to refuse: every neuron is read instead
             self.notes.append(f"the predictors ({fixed['predictors'] / 1e6:,.0f} MB) do not fit the budget: "
                               f"reading every neuron (mode dense)")
-            self.predictors, self.mode, fixed["predictors"] = None, "dense", 0
+            use_predictors, self.mode, fixed["predictors"] = False, "dense", 0
             self.plan = plan_budget(budget, fixed, self.spec.n_ff, L, record, need, cache=settings.cache)
+        self.predictors: Predictors | None = None
+        if use_predictors:  # fp16 gemv is fast on CPU
+            self.predictors = load_predictors(bundle.folder, dtype=dtype)
+            if settings.recall is not None:
+                self.predictors = self.predictors.with_recall(settings.recall)
         self.model.limit_context(max_tokens)
+        self.model.limit_pass(pass_tokens)
         self.thresholds = list(thresholds) if thresholds is not None else \
-            predictors.activation_thresholds if predictors is not None and self.mode != "dense" else [0.0] * L
+            [float(t) for t in psettings["activation_thresholds"]] if psettings is not None and self.mode != "dense" \
+            else [0.0] * L
         if len(self.thresholds) != L:
             raise FlashLLMError(f"{len(self.thresholds)} activation thresholds for a model of {L} layers")
         self.caches = [NeuronCache(self.spec.n_ff, cap, record, settings.policy, settings.window,
                                    settings.pin_fraction) for cap in self.plan.capacities]
         self.ffn = FlashFFN(self.spec, self.layouts, self.caches, self.reader, self.mode, self.thresholds,
                             self.predictors, self._load_oracle() if self.mode == "oracle" else None,
-                            estimate_gate_up=parts is not None)
+                            estimate_gate_up=parts is not None, work=self.workspace)
         self.model.use_ffn(self.ffn)
+        if self.workspace is not None:
+            self.model.use_workspace(self.workspace)
         self.embedding = None
         if embedding is not None:
             self.embedding = FlashEmbedding(*embedding, dtype, self.reader, self.ffn.times, c.hidden_size)
@@ -153,16 +170,19 @@ class FlashModel:
 
     @classmethod
     def open(cls, folder: Path, budget: int | str = "50%", settings: FlashSettings | None = None,
-             max_tokens: int = 512, prefill_tokens: int = 64, thresholds: list[float] | None = None) -> "FlashModel":
+             max_tokens: int = 512, prefill_tokens: int = 64, thresholds: list[float] | None = None,
+             pass_tokens: int | None = None) -> "FlashModel":
         """The bundle at `folder` under `budget`, for contexts of up to `max_tokens` tokens whose longest
-        forward pass (the prompt's prefill) has `prefill_tokens` tokens."""
-        return cls(folder, budget, settings or FlashSettings(), max_tokens, prefill_tokens, thresholds)
+        prompt has `prefill_tokens` tokens. Prompts are prefilled in passes of at most `pass_tokens` tokens
+        (default: PREFILL_PASS), which bounds the temporaries; a caller that forwards whole windows at once
+        (perplexity) passes their length."""
+        return cls(folder, budget, settings or FlashSettings(), max_tokens, prefill_tokens, thresholds, pass_tokens)
 
-    def _check_int4_gate_up(self, bundle: Bundle, predictors: Predictors | None) -> None:
+    def _check_int4_gate_up(self, bundle: Bundle, psettings: dict | None) -> None:
         """gate/up from the predictors' 4-bit copy: a gated model, int4 predictors, a split layout."""
         if not self.spec.gated:
             raise FlashLLMError("--gate-up int4 applies to gated FFNs; a ReLU FFN's up rows are read with its down columns")
-        if self.settings.mode != "predictor" or predictors is None or predictors.kind != "int4":
+        if self.settings.mode != "predictor" or psettings is None or psettings.get("kind", "lowrank") != "int4":
             raise FlashLLMError(f"--gate-up int4 needs int4 predictors in predictor mode; run "
                                 f"`flashllm train-predictor {bundle.folder}` (int4 is the default for gated FFNs)")
         if bundle.layout != "split":

@@ -159,15 +159,37 @@ def make_prompts(bundle: Path, settings: BenchSettings) -> list[dict]:
              "continuation": ids[i * span + settings.prompt_tokens:(i + 1) * span]} for i in range(count)]
 
 
-def split_bundle(bundle: Path, progress=None) -> Path:
+def copies_folder() -> Path:
+    """Where bench keeps the split-layout copies it makes (`flashllm bench clean` removes them)."""
+    return home() / "bench"
+
+
+def clean_copies() -> tuple[int, int]:
+    """Remove bench's split-layout copies: (folders removed, bytes freed)."""
+    folder = copies_folder()
+    if not folder.is_dir():
+        return 0, 0
+    removed = freed = 0
+    for copy in sorted(folder.iterdir()):
+        freed += sum(p.stat().st_size for p in copy.rglob("*") if p.is_file())
+        shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
+        removed += 1
+    return removed, freed
+
+
+def split_bundle(bundle: Path, progress=None, log: Callable[[str], None] | None = None) -> Path:
     """The same model in the split (unbundled) layout, made once in the cache folder, with the
     bundle's predictors copied in."""
     manifest = Bundle(bundle).manifest
     if manifest["layout"] == "split":
         return bundle
     key = manifest["resident"]["sha256"][:12]
-    out = home() / "bench" / f"{bundle.name}-{key}-split"
+    out = copies_folder() / f"{bundle.name}-{key}-split"
     if not (out / "manifest.json").exists():
+        if log:
+            log(f"the split strategies need the split layout: copying the bundle to {out} "
+                f"({manifest['sizes']['total_bytes'] / 1e6:,.0f} MB, kept for later runs; "
+                f"`flashllm bench clean` removes it)")
         out.parent.mkdir(parents=True, exist_ok=True)
         convert(bundle, out, dtype=manifest["dtype"], layout="split", force=True, progress=progress)
     for name in ("predictors.safetensors", "predictors.json"):
@@ -243,7 +265,7 @@ def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, in
     if needs_predictors and not (bundle / "predictors.json").exists():
         raise FlashLLMError(f"{bundle} has no predictors (needed by {', '.join(sorted(needs_predictors))}); "
                             f"run `flashllm train-predictor {bundle}` first")
-    split = split_bundle(bundle) if any(preset.get("layout") == "split" for preset in flash.values()) else None
+    split = split_bundle(bundle, log=say) if any(preset.get("layout") == "split" for preset in flash.values()) else None
     max_tokens = settings.prompt_tokens + settings.tokens
     common = {"budget": budget, "max_tokens": max_tokens, "prefill": settings.prompt_tokens,
               "window": settings.window, "policy": settings.policy, "threads": settings.threads,
@@ -300,6 +322,7 @@ def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, in
     rows = []
     for name in ("resident", *settings.strategies):
         row = results[name].summary(reference)
+        row["engine"] = "resident" if name == "resident" else presets[name].get("engine", "flash")
         if name in failed:
             row["note"] = f"failed: {failed[name]}"
         rows.append(row)

@@ -121,4 +121,4 @@ def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[floa
         raise FlashLLMError("--dram-budget needs a bundle folder (make one with `flashllm convert`)")
     settings = FlashSettings(mode=mode, gate_up=gate_up, recall=recall if mode == "predictor" else None)
     return FlashModel.open(folder, budget, settings, max_tokens=context, prefill_tokens=context,
-                           thresholds=thresholds).model
+                           thresholds=thresholds, pass_tokens=context).model  # windows forwarded whole

@@ -8,8 +8,9 @@ token embedding lookup (tokens -> rows; the flash engine reads an untied table's
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,13 @@ import torch.nn.functional as F
 from flashllm.errors import FlashLLMError
 from flashllm.models.ffn import FFNSpec, neuron_coefficients
 from flashllm.models.layers import KVCache
-from flashllm.models.qrows import for_compute, take_rows, weight_nbytes
+from flashllm.models.qrows import (
+    QRows,
+    Workspace,
+    for_compute,
+    take_rows,
+    weight_nbytes,
+)
 
 FFNFunction = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, x [T, d]) -> y [T, d]
 EmbeddingFunction = Callable[[torch.Tensor], torch.Tensor]  # token ids [T] -> rows [T, d]
@@ -70,6 +77,8 @@ class Transformer:
                 weights[name] = for_compute(w)
         self.ffn: FFNFunction = self.ffn_dense
         self.embedding: EmbeddingFunction = self.embedding_lookup
+        self.workspace: Workspace | None = None  # quantized matrices expand into it (None: a temporary per call)
+        self.max_pass: int | None = None  # a prompt's prefill runs in passes of at most this many tokens
 
     @property
     def nbytes(self) -> int:
@@ -80,11 +89,20 @@ class Transformer:
         """Compute every layer's FFN with `provider` from now on (the flash engine's, a recorder...)."""
         self.ffn = provider
 
-    def with_ffn(self, provider: FFNFunction) -> "Transformer":
+    def with_ffn(self, provider: FFNFunction) -> Transformer:
         """A model sharing these weights (and cache layout) whose FFN is `provider`; this one is unchanged."""
         other = copy.copy(self)
         other.ffn = provider
         return other
+
+    @property
+    def quantized_width(self) -> int:
+        """The widest row of the matrices kept as QRows (0: none), which a shared Workspace must hold."""
+        return max((w.k for w in self.weights.values() if isinstance(w, QRows)), default=0)
+
+    def use_workspace(self, work: Workspace) -> None:
+        """Expand quantized matrices into `work` (made once and counted by the caller) from now on."""
+        self.workspace = work
 
     def use_embedding(self, provider: EmbeddingFunction) -> None:
         """Look token rows up with `provider` (e.g. read from flash) instead of the resident table."""
@@ -111,10 +129,13 @@ class Transformer:
 
     @classmethod
     def work_bytes_for(cls, config, tokens: int, max_tokens: int) -> int:
-        """Temporaries of a forward pass over `tokens` tokens (hidden states, attention and norm outputs:
-        32 bytes per value of d, measured) plus the float32 logits and their softmax; families add their
-        position tables for `max_tokens`."""
-        return tokens * config.hidden_size * 32 + config.vocab_size * 8
+        """Temporaries of a forward pass over `tokens` tokens against a context of `max_tokens`: hidden
+        states, attention and norm outputs (32 bytes per value of d, measured), attention's scores and
+        weights (float32, per head and cached position) and the keys/values repeated for grouped heads,
+        plus the float32 logits and their softmax; families add their position tables."""
+        heads, head_dim = config.num_attention_heads, config.head_dim
+        attention = tokens * heads * max_tokens * 8 + 2 * heads * max_tokens * head_dim * 4
+        return tokens * config.hidden_size * 32 + attention + config.vocab_size * 8
 
     # -- shared ---------------------------------------------------------------------------------
     def w(self, name: str) -> torch.Tensor | None:
@@ -122,6 +143,11 @@ class Transformer:
 
     def embedding_lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         return take_rows(self.weights["embed.weight"], tokens).to(self.dtype)  # [T, d]
+
+    def limit_pass(self, tokens: int) -> None:
+        """Prefill prompts (last_only forwards) in passes of at most `tokens` tokens: the temporaries of a
+        pass grow with its tokens (attention scores with tokens x context), a long prompt's must not."""
+        self.max_pass = max(1, tokens)
 
     def limit_context(self, max_tokens: int) -> None:
         """Size position tables for max_tokens instead of the model's whole context (saves DRAM)."""
@@ -143,11 +169,22 @@ class Transformer:
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Logits for tokens at positions start.. ([T, vocab], or [1, vocab] with last_only)."""
+        if last_only and self.max_pass is not None and len(tokens) > self.max_pass:
+            step = self.max_pass
+            for offset in range(0, len(tokens) - step, step):  # all passes but the last fill the cache
+                self._layers(tokens[offset:offset + step], start + offset, cache)
+            offset = (len(tokens) - 1) // step * step
+            tokens, start = tokens[offset:], start + offset
+        h = self._layers(tokens, start, cache)
+        if last_only:
+            h = h[-1:]
+        return self.head(h).float()
+
+    def _layers(self, tokens: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """The hidden states after the last layer, [T, d]."""
         ffn = self.ffn
         h = self.embed(tokens, start)  # [T, d]
         for layer in range(self.config.num_hidden_layers):
             h = self.attention(layer, h, start, cache)
             h = h + self.ffn_output(layer, ffn(layer, self.ffn_input(layer, h)))
-        if last_only:
-            h = h[-1:]
-        return self.head(h).float()
+        return h

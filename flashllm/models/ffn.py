@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flashllm.models.qrows import QRows, combine, project
+from flashllm.models.qrows import QRows, Workspace, combine, project
 
 COMPUTE_ROWS = 1024  # rows per block of the FFN sum: temporaries stay small (Qwen: 3-6 MB)
 
@@ -53,14 +53,15 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation}")
 
 
-def neuron_coefficients(spec: FFNSpec, x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor,
-                        up_bias: torch.Tensor | None) -> torch.Tensor:
-    """a_i for every neuron whose rows are given: act(g_i.x) * (u_i.x) gated, act(u_i.x + b_i) ReLU."""
-    u = _rows_product(x, up)  # [T, n]
+def neuron_coefficients(spec: FFNSpec, x: torch.Tensor, gate: torch.Tensor | QRows | None, up: torch.Tensor | QRows,
+                        up_bias: torch.Tensor | None, work: Workspace | None = None) -> torch.Tensor:
+    """a_i for every neuron whose rows are given: act(g_i.x) * (u_i.x) gated, act(u_i.x + b_i) ReLU
+    (quantized rows are expanded into `work` when given)."""
+    u = _rows_product(x, up, work)  # [T, n]
     if up_bias is not None:
         u = u + up_bias
     if spec.gated:
-        return activate(_rows_product(x, gate), spec.activation) * u  # [T, n]
+        return activate(_rows_product(x, gate, work), spec.activation) * u  # [T, n]
     return activate(u, spec.activation)
 
 
@@ -70,16 +71,17 @@ def active_mask(spec: FFNSpec, a: torch.Tensor, threshold: float) -> torch.Tenso
     return a.abs() > threshold if spec.gated else a > 0
 
 
-def _rows_product(x: torch.Tensor, rows: torch.Tensor | QRows) -> torch.Tensor:
+def _rows_product(x: torch.Tensor, rows: torch.Tensor | QRows, work: Workspace | None = None) -> torch.Tensor:
     """x [T, d] against n rows [n, d] -> [T, n] (quantized rows expanded a block at a time)."""
-    return project(x, rows).to(x.dtype) if isinstance(rows, QRows) else x @ rows.T
+    return project(x, rows, work).to(x.dtype) if isinstance(rows, QRows) else x @ rows.T
 
 
-def ffn_over_rows(a: torch.Tensor, down: torch.Tensor | QRows, dtype: torch.dtype) -> torch.Tensor:
+def ffn_over_rows(a: torch.Tensor, down: torch.Tensor | QRows, dtype: torch.dtype,
+                  work: Workspace | None = None) -> torch.Tensor:
     """sum_i a[:, i] * down[i] for rows given as [n, d] (a: [T, n]) -> [T, d] in `dtype`, accumulated in
     float32 a block of COMPUTE_ROWS rows at a time, so no temporary grows with the number of rows."""
     if isinstance(down, QRows):
-        return combine(a, down).to(dtype)
+        return combine(a, down, work).to(dtype)
     T, d = a.shape[0], down.shape[1]
     y = torch.zeros(T, d, dtype=torch.float32)  # [T, d]
     if T == 1:  # one token: a weighted sum of rows is the fast path for half precision

@@ -179,7 +179,7 @@ class LlamaModel(Transformer):
         return F.rms_norm(h, (h.shape[-1],), self.weights[name], self.config.rms_norm_eps)
 
     def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"))
+        return linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"), self.workspace)
 
     def attention(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         c, p = self.config, f"layers.{layer}."
@@ -197,7 +197,7 @@ class LlamaModel(Transformer):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         x = self._norm(h, "norm.weight")
-        return x @ self.lm_head.T if isinstance(self.lm_head, torch.Tensor) else linear(x, self.lm_head)  # [T, vocab]
+        return x @ self.lm_head.T if isinstance(self.lm_head, torch.Tensor) else linear(x, self.lm_head, work=self.workspace)  # [T, vocab]
 
 
 def gguf_tensor_fixup(config: LlamaConfig, arch: str, canonical: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ class OPTModel(Transformer):
         return F.layer_norm(h, (h.shape[-1],), self.weights[name + ".weight"], self.weights[name + ".bias"])
 
     def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return linear(x, self.weights[name + ".weight"], self.weights[name + ".bias"])
+        return linear(x, self.weights[name + ".weight"], self.weights[name + ".bias"], self.workspace)
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + tokens.shape[0]) + POSITION_OFFSET
@@ -126,7 +126,7 @@ class OPTModel(Transformer):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         x, table = self._norm(h, "norm"), self.weights["embed.weight"]
-        return x @ table.T if isinstance(table, torch.Tensor) else linear(x, table)  # [T, vocab]
+        return x @ table.T if isinstance(table, torch.Tensor) else linear(x, table, work=self.workspace)  # [T, vocab]
 
 
 FAMILY = Family(name="opt", config=OPTConfig, model=OPTModel, hf_names=HF_NAMES, gguf_names={})

@@ -116,6 +116,55 @@ def dequantize_rows(q: QRows, out: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
+class Workspace:
+    """The buffers every computation on quantized rows reuses, made once: a block of rows expanded to
+    float32 and the nibbles of a block of int4 codes. Under a budget (FlashModel) one workspace serves the
+    whole model, so the hot path allocates nothing that grows with a block (freed multi-MB temporaries
+    are what made the process's peak drift above the plan)."""
+
+    def __init__(self, k: int, rows: int = BLOCK_ROWS):
+        self.k, self.rows = k, rows
+        self.floats = torch.empty(rows * k, dtype=torch.float32)
+        self.nibbles = torch.empty(rows * k // 2, dtype=torch.uint8)
+
+    @staticmethod
+    def bytes_for(k: int, rows: int = BLOCK_ROWS) -> int:
+        return rows * k * 4 + rows * k // 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.floats.nbytes + self.nibbles.nbytes
+
+    def fits(self, q: QRows) -> bool:
+        return q.k <= self.k
+
+
+def _expand_split(q: QRows, work: Workspace | None, mins: bool) -> torch.Tensor:
+    """Up to a block of int4 QRows -> float32 [2, n, k/2]: [0] the even columns, [1] the odd ones (each a
+    contiguous matrix: two passes over the codes, no strided writes), scaled, minimum added if `mins`."""
+    n, k, groups = q.n, q.k, q.k // GROUP
+    if work is not None and work.fits(q) and n <= work.rows:
+        halves, nibble = work.floats[:n * k].view(2, n, k // 2), work.nibbles[:n * k // 2].view(n, k // 2)
+    else:
+        halves, nibble = torch.empty(2, n, k // 2), torch.empty(n, k // 2, dtype=torch.uint8)
+    torch.bitwise_and(q.codes, 0x0F, out=nibble)
+    halves[0].copy_(nibble)
+    torch.bitwise_right_shift(q.codes, 4, out=nibble)
+    halves[1].copy_(nibble)
+    grouped = halves.view(2, n, groups, GROUP // 2)
+    grouped.mul_(q.scales.view(1, n, groups, 1))
+    if mins:
+        grouped.add_(q.mins.view(1, n, groups, 1))
+    return halves
+
+
+def _expand(q: QRows, work: Workspace | None) -> torch.Tensor:
+    """Up to a block of int8 QRows -> float32 [n, k], into the workspace when it has room."""
+    n, k = q.n, q.k
+    out = work.floats[:n * k].view(n, k) if work is not None and work.fits(q) and n <= work.rows else None
+    return dequantize_rows(q, out)
+
+
 # -- record form ------------------------------------------------------------------------------------
 
 def to_records(q: QRows) -> torch.Tensor:
@@ -149,26 +198,41 @@ def from_records(records: torch.Tensor, kind: str, k: int) -> QRows:
 
 # -- computing on quantized rows: a block of rows expanded at a time ---------------------------------
 
-def project(x: torch.Tensor, q: QRows, block: int = BLOCK_ROWS, work: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, k] -> x @ W.T [M, n] float32 (gate/up coefficients of n neurons). `work`: a reusable
-    [>= block, k] float32 buffer."""
+def project(x: torch.Tensor, q: QRows, work: Workspace | None = None, block: int = BLOCK_ROWS) -> torch.Tensor:
+    """x [M, k] -> x @ W.T [M, n] float32 (gate/up coefficients of n neurons), a block of rows at a time.
+    int4 is computed on the split expansion: x's even and odd columns against the two halves, and the
+    minimums through each group's sum of x (sum_j (q s + m) x_j = s sum_j q x_j + m sum_j x_j)."""
     x = x.float()
-    work = work if work is not None else torch.empty(min(block, q.n), q.k)
     y = torch.empty(x.shape[0], q.n)
+    if q.kind == "int4":
+        even, odd = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
+        sums = x.view(x.shape[0], -1, GROUP).sum(-1)  # [M, groups]
     for start in range(0, q.n, block):
-        w = dequantize_rows(q[start:start + block], work)  # [b, k]
-        torch.mm(x, w.T, out=y[:, start:start + w.shape[0]])
+        rows = q[start:start + block]
+        out = y[:, start:start + rows.n]
+        if q.kind == "int4":
+            halves = _expand_split(rows, work, mins=False)
+            torch.mm(even, halves[0].T, out=out)
+            out.addmm_(odd, halves[1].T).addmm_(sums, rows.mins.T.float())
+        else:
+            torch.mm(x, _expand(rows, work).T, out=out)
     return y
 
 
-def combine(a: torch.Tensor, q: QRows, block: int = BLOCK_ROWS, work: torch.Tensor | None = None) -> torch.Tensor:
+def combine(a: torch.Tensor, q: QRows, work: Workspace | None = None, block: int = BLOCK_ROWS) -> torch.Tensor:
     """a [M, n] -> a @ W [M, k] float32 (the FFN output as a weighted sum of n down columns)."""
     a = a.float()
-    work = work if work is not None else torch.empty(min(block, q.n), q.k)
     y = torch.zeros(a.shape[0], q.k)
+    pairs = y.view(a.shape[0], q.k // 2, 2)
     for start in range(0, q.n, block):
-        w = dequantize_rows(q[start:start + block], work)  # [b, k]
-        y.addmm_(a[:, start:start + w.shape[0]], w)
+        rows = q[start:start + block]
+        weights = a[:, start:start + rows.n]
+        if q.kind == "int4":  # the even and odd output columns from the two halves
+            halves = _expand_split(rows, work, mins=True)
+            pairs[..., 0].add_(weights @ halves[0])
+            pairs[..., 1].add_(weights @ halves[1])
+        else:
+            y.addmm_(weights, _expand(rows, work))
     return y
 
 
@@ -222,12 +286,12 @@ def to_int8_kernel(q: QRows | torch.Tensor) -> Int8ChannelMatrix:
 Weight = "torch.Tensor | QRows | Int4Matrix"
 
 
-def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, work: Workspace | None = None) -> torch.Tensor:
     """x [T, k] @ w.T (+ bias) -> [T, n] in x's dtype, for a float matrix, QRows (expanded a block of
-    rows at a time) or a matrix in a kernel's form (Int4Matrix)."""
+    rows at a time, into `work` when given) or a matrix in a kernel's form (Int4Matrix)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    y = project(x, w) if isinstance(w, QRows) else w.matmul(x)
+    y = project(x, w, work) if isinstance(w, QRows) else w.matmul(x)
     y = y.to(x.dtype)
     return y if bias is None else y + bias
 

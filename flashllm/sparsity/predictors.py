@@ -31,13 +31,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from flashllm.errors import FlashLLMError
 from flashllm.models.ffn import FFNSpec, activate
+from flashllm.models.qrows import QRows, to_int4_kernel
 from flashllm.models.quant import Int4Matrix, quantize
+from flashllm.sources import hash_files
 from flashllm.sources.hf import read_header, tensor_loader
 from flashllm.sparsity.predictor_schema import check_predictors
 
@@ -112,6 +115,15 @@ class Int4Predictor:
         return self  # computes in bfloat16 whatever the model's dtype
 
     @staticmethod
+    def from_qrows(spec: FFNSpec, gate: QRows, up: QRows) -> "Int4Predictor":
+        """A gated layer's own int4 gate/up rows (an int4 bundle's records): the same codes in the
+        kernel's layout, nothing requantized, so the estimate is the layer's true coefficients up to the
+        kernel's bfloat16 scales and zeros (qrows.to_int4_kernel) and "predicting" is computing."""
+        both = QRows("int4", torch.cat([gate.codes, up.codes]), torch.cat([gate.scales, up.scales]),
+                     torch.cat([gate.mins, up.mins]))
+        return Int4Predictor(to_int4_kernel(both, prepare=False), spec.n_ff, spec.activation)
+
+    @staticmethod
     def from_ffn(spec: FFNSpec, ffn: dict[str, torch.Tensor], group: int | None = None) -> "Int4Predictor":
         """ffn: {'ffn.gate.weight', 'ffn.up.weight', ['ffn.up.bias']} of one layer; group: values per
         scale and zero (default: quant.group_size, 32)."""
@@ -152,13 +164,20 @@ class Predictors:
         """x: [T, d] FFN input -> [T, n_ff] bool, the neurons to read for each token."""
         return self.logits(layer, x) >= self.decision_thresholds[layer]
 
-    def with_recall(self, recall: float) -> "Predictors":
-        """The same predictors with the decision cuts tuned for another recall target (see RECALL_GRID)."""
-        table = self.settings.get("decision_table", {})
+    @staticmethod
+    def check_recall(settings: dict, recall: float) -> str:
+        """The key of `recall`'s decision cuts in predictors.json's settings (refused when there are none)."""
+        table = settings.get("decision_table", {})
         key = next((k for k in table if abs(float(k) - recall) < 1e-9), None)
         if key is None:
             raise FlashLLMError(f"--recall {recall:g}: the predictors have decision cuts for "
                                 f"{', '.join(sorted(table, key=float))}")
+        return key
+
+    def with_recall(self, recall: float) -> "Predictors":
+        """The same predictors with the decision cuts tuned for another recall target (see RECALL_GRID)."""
+        table = self.settings.get("decision_table", {})
+        key = self.check_recall(self.settings, recall)
         settings = dict(self.settings, decision_thresholds=table[key], target_recall=float(key))
         out = Predictors.__new__(Predictors)
         out.layers, out.settings, out.dtype = self.layers, settings, self.dtype
@@ -184,7 +203,10 @@ class Predictors:
                         ranks=self.ranks, decision_thresholds=self.decision_thresholds)
         suffix = f".tmp-{os.getpid()}"
         try:
-            save_file(tensors, str(folder / (WEIGHTS_FILE + suffix)), metadata={"format": FORMAT})
+            weights = folder / (WEIGHTS_FILE + suffix)
+            save_file(tensors, str(weights), metadata={"format": FORMAT})
+            settings["weights_file"] = {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size,
+                                        "sha256": hash_files([weights])}  # for `flashllm verify`
             (folder / (SETTINGS_FILE + suffix)).write_text(json.dumps(settings, indent=1))
             umask = os.umask(0)
             os.umask(umask)
@@ -199,8 +221,9 @@ class Predictors:
             raise FlashLLMError(f"writing predictors into {folder} failed: {e.strerror or e}") from None
 
 
-def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predictors | None:
-    """The bundle's predictors, or None when it has none."""
+def read_settings(folder: Path) -> dict | None:
+    """predictors.json of the bundle at `folder`, checked against the bundle and the weights' header
+    (None when it has no predictors)."""
     folder = Path(folder)
     settings_path, weights_path = folder / SETTINGS_FILE, folder / WEIGHTS_FILE
     if not settings_path.exists():
@@ -211,6 +234,36 @@ def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predict
         raise FlashLLMError(f"{settings_path}: unreadable ({e}); run `flashllm train-predictor` again") from None
     # format, every field, lengths per layer and tensor shapes, against the bundle (sparsity/predictor_schema.py)
     check_predictors(settings, settings_path, weights_path, (FORMAT, FORMAT_VERSION), KINDS)
+    return settings
+
+
+def predictors_nbytes(folder: Path, dtype: torch.dtype = torch.float32) -> int | None:
+    """What load_predictors(folder, dtype) will keep in DRAM, from the files' headers alone (None: no
+    predictors), so a budget can decide before loading them: int4 codes and scales as stored (the
+    kernel's packed form is as large as ours), low-rank matrices in `dtype`."""
+    settings = read_settings(folder)
+    if settings is None:
+        return None
+    header, _ = read_header(Path(folder) / WEIGHTS_FILE)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        numel = int(np.prod(info["shape"], dtype=np.int64))
+        total += numel * (_STORED_ITEMSIZE[info["dtype"]] if settings.get("kind") == "int4" else itemsize)
+    return total
+
+
+_STORED_ITEMSIZE = {"U8": 1, "BF16": 2, "F16": 2, "F32": 4}
+
+
+def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predictors | None:
+    """The bundle's predictors, or None when it has none."""
+    settings = read_settings(folder)
+    if settings is None:
+        return None
+    weights_path = Path(folder) / WEIGHTS_FILE
     layers = []
     kind = settings.get("kind", "lowrank")
     try:  # pread, tensor by tensor: a memory map's pages would count in our resident set

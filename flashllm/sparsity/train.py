@@ -16,6 +16,7 @@ from flashllm.bundle.reader import Bundle, is_bundle
 from flashllm.corpus import load_corpus
 from flashllm.errors import FlashLLMError
 from flashllm.models.ffn import FFNSpec, active_mask
+from flashllm.models.qrows import GROUP, QRows
 from flashllm.models.quant import GROUP_SIZES
 from flashllm.sparsity.predictors import FORMAT, FORMAT_VERSION, KINDS, Int4Predictor, LayerPredictor, Predictors
 from flashllm.sparsity.quality import evaluate
@@ -118,10 +119,12 @@ def _decision_cuts(val_logits: torch.Tensor, y_val: torch.Tensor, recall: float)
 
 
 def int4_layer(spec: FFNSpec, ffn: dict[str, torch.Tensor], x_val: torch.Tensor, y_val: torch.Tensor,
-               recall: float = DEFAULT_RECALL, group: int | None = None) -> LayerFit:
-    """The layer's gate/up in 4 bits as its predictor; only the decision cuts are tuned (on x_val)."""
+               recall: float = DEFAULT_RECALL, group: int | None = None,
+               own: tuple[QRows, QRows] | None = None) -> LayerFit:
+    """The layer's gate/up in 4 bits as its predictor; only the decision cuts are tuned (on x_val).
+    `own`: the layer's gate/up rows already in int4 (an int4 bundle): used as they are."""
     start = time.perf_counter()
-    predictor = Int4Predictor.from_ffn(spec, ffn, group)
+    predictor = Int4Predictor.from_qrows(spec, *own) if own else Int4Predictor.from_ffn(spec, ffn, group)
     predictor.matrix.prepare(keep=True)  # the kernel's form for speed, the storage form for saving
     rate = float(y_val.float().mean()) if y_val.numel() else 1.0
     if rate >= ALWAYS_ACTIVE:  # (almost) always active: predict all (t = 0 then stays exactly dense)
@@ -129,6 +132,17 @@ def int4_layer(spec: FFNSpec, ffn: dict[str, torch.Tensor], x_val: torch.Tensor,
                         time.perf_counter() - start, 1.0)
     threshold, table, val_recall = _decision_cuts(_batched_logits(predictor, x_val), y_val, recall)
     return LayerFit(predictor, threshold, table, [], time.perf_counter() - start, val_recall)
+
+
+def _own_int4(bundle: Bundle, layer: int, spec: FFNSpec) -> tuple[QRows, QRows] | None:
+    """The layer's gate and up rows when the bundle keeps both in int4 (the model's own 4-bit weights)."""
+    if not spec.gated or bundle.part_kinds.get("gate") != "int4":
+        return None
+    q = bundle.dense_ffn(layer, keep_quantized=True)
+    gate, up = q.get(f"layers.{layer}.ffn.gate.weight"), q.get(f"layers.{layer}.ffn.up.weight")
+    if isinstance(gate, QRows) and isinstance(up, QRows) and gate.kind == up.kind == "int4":
+        return gate, up
+    return None
 
 
 def _batched_logits(predictor: LayerPredictor, x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -286,7 +300,8 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                 progress(layer, L, f"layer {layer}: " + (f"training rank {ranks[layer]}" if kind == "lowrank"
                                                           else "4-bit gate/up"))
             if kind == "int4":
-                fit = int4_layer(spec, ffn, torch.cat(xs["val"]), torch.cat(masks["val"]), recall, group)
+                fit = int4_layer(spec, ffn, torch.cat(xs["val"]), torch.cat(masks["val"]), recall, group,
+                                 _own_int4(b, layer, spec) if group in (None, GROUP) else None)
             else:
                 with torch.enable_grad():
                     fit = train_layer(torch.cat(xs["train"]), torch.cat(masks["train"]), torch.cat(xs["val"]),
