@@ -96,7 +96,7 @@ def generate(
     policy: str = typer.Option("lru", help="Cache eviction policy: lru, window, pinned or static."),
     mode: str = typer.Option("predictor", help="Which neurons to read: predictor, oracle (upper bound) or dense."),
     threads: Optional[int] = typer.Option(None, min=1, help="Flash reader threads (default: from `flashllm bench io`)."),
-    gate_up: str = typer.Option("flash", "--gate-up", help="flash (exact: read gate/up/down) or int4 (gate/up from the 4-bit predictors, read only down; split-layout bundles)."),
+    gate_up: str = typer.Option("auto", "--gate-up", help="auto (int4 where the predictors are an int4 split bundle's own gate/up and fit the budget, else flash), flash (read gate/up/down) or int4 (gate/up from the 4-bit predictors, read only down; split-layout bundles)."),
     stats: str = typer.Option("table", help="End-of-run statistics on stderr: table, json or none."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the budget plan."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
@@ -123,7 +123,7 @@ def generate(
         prompt, system = utf8(prompt, "the prompt"), utf8(p["system"], "--system")
         if p["stats"] not in ("table", "json", "none"):
             raise FlashLLMError(f"unknown --stats {p['stats']!r} (choose from table, json, none)")
-        if p["gate_up"] != "flash" and p["dram_budget"] is None:
+        if p["gate_up"] == "int4" and p["dram_budget"] is None:
             raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
         settings = SamplingSettings(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
                                     seed=p["seed"])
@@ -383,7 +383,7 @@ def perplexity(
     sparsity: Optional[float] = typer.Option(None, help="Target sparsity of gated FFNs (oracle mode; predictor mode must match training)."),
     recall: Optional[float] = typer.Option(None, help="Predictor mode: use the decision cuts tuned for this recall (0.8 0.9 0.95 0.98 0.99 0.995)."),
     dram_budget: Optional[str] = typer.Option(None, "--dram-budget", "-b", help="Run the mode through the budgeted engine."),
-    gate_up: str = typer.Option("flash", "--gate-up", help="With --dram-budget: flash or int4 (see generate)."),
+    gate_up: str = typer.Option("auto", "--gate-up", help="With --dram-budget: auto, flash or int4 (see generate)."),
     context: int = typer.Option(512, min=4, help="Tokens per chunk (the second half of each is scored)."),
     max_tokens: Optional[int] = typer.Option(None, min=4, help="Use at most this many tokens of the text."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),

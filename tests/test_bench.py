@@ -6,10 +6,15 @@ import pytest
 from typer.testing import CliRunner
 
 from flashllm.bundle.writer import convert
-from flashllm.measure.bench import STRATEGIES, BenchSettings, default_strategies, run_bench
 from flashllm.cli import app
-from flashllm.sparsity.train import train_predictors
 from flashllm.engine.flash_model import FlashModel, FlashSettings
+from flashllm.measure.bench import (
+    STRATEGIES,
+    BenchSettings,
+    default_strategies,
+    run_bench,
+)
+from flashllm.sparsity.train import train_predictors
 from tests.tiny import tiny_llama, tiny_tokenizer
 
 
@@ -95,7 +100,7 @@ def test_failed_strategies_exit_nonzero_and_bench_clean_removes_the_copies(bundl
 def test_page_cache_row_has_no_ratio_to_naive():
     from flashllm import render
 
-    row = lambda name, engine, read: {"name": name, "engine": engine, "tokens": 4, "bytes_read_per_token": read,  # noqa: E731
+    row = lambda name, engine, read: {"name": name, "engine": engine, "tokens": 4, "bytes_read_per_token": read,
                                       "ms_per_token": {k: 1.0 for k in ("io", "memory", "predictor", "compute", "total")},
                                       "ms_per_token_spread": {"p10": 1, "p90": 1}, "read_gbps": 0.0,
                                       "cache_hit_rate": None, "peak_rss_bytes": 1, "top1_agreement": 1.0,

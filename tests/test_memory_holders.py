@@ -84,6 +84,7 @@ def test_flash_model_holders_match_the_plan(bundle):
     assert flash.model.rotary.nbytes == Rotary.bytes_for(c.head_dim, 32)
     assert parts["reader staging"] == flash.reader.staging_bound
     assert parts["quantized work"] == 0 and flash.workspace is None  # a float bundle expands nothing
+    assert flash.gate_up == "flash"  # requantized predictors of a float bundle only choose what is read
     caches = sum(cache.nbytes for cache in flash.caches)
     assert caches == flash.plan.cache_bytes + parts["cache index"]
     assert flash.ffn.nbytes == SCRATCH_ROWS * flash.plan.record_bytes <= parts["FFN work"]

@@ -113,7 +113,10 @@ def test_int4_predictors_of_an_int4_bundle_are_its_own_gate_up(tmp_path):
     from flashllm.sparsity.train import train_predictors
 
     out = tmp_path / "split"
-    source = tiny_llama(tmp_path / "src", vocab_size=256)
+    # predictors (gate/up) larger than what reading only down columns saves in the FFN's buffers, so a
+    # budget can hold whole records without the predictors but not the predictors
+    source = tiny_llama(tmp_path / "src", vocab_size=256, hidden_size=256, intermediate_size=2048,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     tiny_tokenizer(source, 256)
     convert(source, out, dtype="int4", layout="split")
     train_predictors(out, tokens=1500, eval_tokens=0, context=64, sparsity=0.5)
@@ -132,3 +135,14 @@ def test_int4_predictors_of_an_int4_bundle_are_its_own_gate_up(tmp_path):
     # the same weights up to the kernel's bfloat16 scales and zeros (2^-9 relative)
     assert (got - expected).abs().max().item() < 0.02 * expected.abs().max().item()
     assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    # the planner takes that layout by itself where it fits, and says what it passes over where not
+    assert json.loads((out / "predictors.json").read_text())["int4_source"] == "bundle"
+    auto = FlashModel.open(out, BIG, FlashSettings(mode="predictor"), max_tokens=len(IDS), prefill_tokens=5)
+    assert auto.gate_up == "int4" and auto.mode == "predictor" and not auto.notes
+    dense = FlashModel.open(out, BIG, FlashSettings(mode="dense", gate_up="flash"), max_tokens=len(IDS),
+                            prefill_tokens=5)
+    assert auto.plan.fixed_bytes > dense.plan.fixed_bytes + 10_000
+    small = FlashModel.open(out, dense.plan.fixed_bytes + 10_000, FlashSettings(mode="predictor"),
+                            max_tokens=len(IDS), prefill_tokens=5)
+    assert small.gate_up == "flash" and small.mode == "dense" and small.predictors is None
+    assert len(small.notes) == 2 and "only down columns" in small.notes[0]

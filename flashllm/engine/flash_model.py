@@ -41,7 +41,9 @@ class FlashSettings:
     cache: bool = True  # False: no neuron cache, every needed record is read each token
     merge_gap_bytes: int | None = None  # gaps read through when coalescing (None: from the I/O profile)
     flash_embedding: bool = True  # read the input embedding rows from flash (untied models)
-    gate_up: str = "flash"  # "int4": gate/up from the 4-bit predictors in DRAM, only down read (split layout)
+    # "int4": gate/up from the 4-bit predictors in DRAM, only down read (split layout); "auto": that where the
+    # predictors are the int4 bundle's own gate/up and it fits the budget, else "flash" (read every part)
+    gate_up: str = "auto"
     recall: float | None = None  # the predictors' decision cuts for this recall target (None: as trained)
 
     def check(self) -> None:
@@ -49,8 +51,8 @@ class FlashSettings:
             raise FlashLLMError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if self.policy not in POLICIES:
             raise FlashLLMError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
-        if self.gate_up not in ("flash", "int4"):
-            raise FlashLLMError(f"unknown --gate-up {self.gate_up!r} (flash or int4)")
+        if self.gate_up not in ("auto", "flash", "int4"):
+            raise FlashLLMError(f"unknown --gate-up {self.gate_up!r} (auto, flash or int4)")
         if self.window < 1:
             raise FlashLLMError(f"window {self.window}: must be at least 1")
 
@@ -89,17 +91,6 @@ class FlashModel:
         use_predictors = self.mode == "predictor"
         if use_predictors and settings.recall is not None:
             Predictors.check_recall(psettings, settings.recall)
-        parts = None  # the record parts read from flash (None: all)
-        if settings.gate_up == "int4":
-            self._check_int4_gate_up(bundle, psettings)
-            parts = ("down",)
-        self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
-        record = max(layout.record_bytes for layout in self.layouts)
-        need = None
-        stats = psettings.get("window_stats") if use_predictors else None
-        if stats:
-            k = min(settings.window, len(stats["distinct"][0])) - 1
-            need = [layer[k] for layer in stats["distinct"]]
         # requests of 128 KiB already reach the disk's bandwidth (docs/DESIGN.md §3); smaller staging, more cache
         threads = settings.threads or min(IOProfile.for_path(bundle.folder).best_threads, MAX_THREADS)
         self.reader = FlashReader(threads=threads, max_request_bytes=READ_BYTES, chunk_bytes=READ_BYTES,
@@ -122,26 +113,53 @@ class FlashModel:
         if embedding is not None:
             resident += FlashEmbedding.bytes_for(embedding[0], pass_tokens)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        fixed = {
+        common = {
             "resident weights": resident,
-            "predictors": predictors_nbytes(bundle.folder, dtype) if use_predictors else 0,
             "KV cache": KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, itemsize),
             "activations": type(self.model).work_bytes_for(c, pass_tokens, max_tokens),
-            "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized),
             "reader staging": self.reader.staging_bound,
             "quantized work": self.workspace.nbytes if self.workspace is not None else 0,
         }
         self.notes: list[str] = []  # choices made for this budget, for --verbose
-        try:
-            self.plan: BudgetPlan = plan_budget(budget, fixed, self.spec.n_ff, L, record, need, cache=settings.cache)
-        except FlashLLMError:
-            if not use_predictors or parts is not None:  # --gate-up int4 computes with the predictors
-                raise
-            # predictors that do not fit are dropped, never a reason to refuse: every neuron is read instead
-            self.notes.append(f"the predictors ({fixed['predictors'] / 1e6:,.0f} MB) do not fit the budget: "
-                              f"reading every neuron (mode dense)")
-            use_predictors, self.mode, fixed["predictors"] = False, "dense", 0
-            self.plan = plan_budget(budget, fixed, self.spec.n_ff, L, record, need, cache=settings.cache)
+        # the layouts of DRAM this budget may take, best first; the first that fits is kept and each one
+        # passed over is said in `notes`. gate/up from the predictors with only down columns read (exact
+        # on an int4 bundle whose predictors are its own gate/up), then whole records with the predictors
+        # choosing them, then every record (predictors that do not fit are dropped, never a refusal)
+        choices = []
+        if settings.gate_up == "int4" or (settings.gate_up == "auto" and use_predictors and
+                                          self._owns_gate_up(bundle, psettings)):
+            self._check_int4_gate_up(bundle, psettings)
+            choices.append((("down",), True))
+        if settings.gate_up != "int4":
+            choices += [(None, True)] if use_predictors else []
+            choices.append((None, False))
+        predictor_bytes = predictors_nbytes(bundle.folder, dtype) if use_predictors else 0
+        for i, (parts, with_predictors) in enumerate(choices):
+            self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
+            record = max(layout.record_bytes for layout in self.layouts)
+            fixed = {**common, "predictors": predictor_bytes if with_predictors else 0,
+                     "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized)}
+            stats = psettings.get("window_stats") if with_predictors else None
+            need = None
+            if stats:
+                k = min(settings.window, len(stats["distinct"][0])) - 1
+                need = [layer[k] for layer in stats["distinct"]]
+            try:
+                self.plan: BudgetPlan = plan_budget(budget, fixed, self.spec.n_ff, L, record, need,
+                                                    cache=settings.cache)
+                break
+            except FlashLLMError:
+                if i == len(choices) - 1:
+                    raise
+                self.notes.append(
+                    f"gate/up from the predictors ({predictor_bytes / 1e6:,.0f} MB) and only down columns read do "
+                    f"not fit the budget: reading whole records" if parts else
+                    f"the predictors ({predictor_bytes / 1e6:,.0f} MB) do not fit the budget: reading every "
+                    f"neuron (mode dense)")
+        self.gate_up = "int4" if parts else "flash"  # what runs
+        use_predictors = with_predictors
+        if settings.mode == "predictor" and not use_predictors:
+            self.mode = "dense"
         self.predictors: Predictors | None = None
         if use_predictors:  # fp16 gemv is fast on CPU
             self.predictors = load_predictors(bundle.folder, dtype=dtype)
@@ -158,7 +176,7 @@ class FlashModel:
                                    settings.pin_fraction) for cap in self.plan.capacities]
         self.ffn = FlashFFN(self.spec, self.layouts, self.caches, self.reader, self.mode, self.thresholds,
                             self.predictors, self._load_oracle() if self.mode == "oracle" else None,
-                            estimate_gate_up=parts is not None, work=self.workspace)
+                            estimate_gate_up=self.gate_up == "int4", work=self.workspace)
         self.model.use_ffn(self.ffn)
         if self.workspace is not None:
             self.model.use_workspace(self.workspace)
@@ -177,6 +195,12 @@ class FlashModel:
         (default: PREFILL_PASS), which bounds the temporaries; a caller that forwards whole windows at once
         (perplexity) passes their length."""
         return cls(folder, budget, settings or FlashSettings(), max_tokens, prefill_tokens, thresholds, pass_tokens)
+
+    def _owns_gate_up(self, bundle: Bundle, psettings: dict) -> bool:
+        """The predictors are this int4 bundle's own gate/up rows (not a requantized copy) and the layout
+        keeps down columns apart: gate/up from DRAM is then the model itself, and reads shrink to down."""
+        return self.spec.gated and psettings.get("kind") == "int4" and \
+            psettings.get("int4_source") == "bundle" and bundle.layout == "split"
 
     def _check_int4_gate_up(self, bundle: Bundle, psettings: dict | None) -> None:
         """gate/up from the predictors' 4-bit copy: a gated model, int4 predictors, a split layout."""
@@ -243,6 +267,7 @@ class FlashModel:
         n_ff, L = self.spec.n_ff, self.bundle.config.num_hidden_layers
         stats.sparsity = 1 - delta["needed"] / (steps * n_ff * L) if steps else 0.0
         stats.window, stats.policy, stats.mode = self.settings.window, self.settings.policy, self.mode
+        stats.gate_up = self.gate_up
         stats.cache_share = self.plan.cache_share
         stats.step_ms = [1000 * s for s in gen.step_seconds]
 

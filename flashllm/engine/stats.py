@@ -35,6 +35,7 @@ class FlashStats:
     window: int = 0
     policy: str = ""
     mode: str = ""
+    gate_up: str = ""  # "int4": gate/up from the predictors in DRAM, only down read; "flash": every part read
     cache_share: float = 0.0
     prefill_seconds: float = 0.0
     step_ms: list[float] = field(default_factory=list)

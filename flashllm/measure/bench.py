@@ -280,6 +280,7 @@ def run_bench(bundle: Path, settings: BenchSettings, progress: Callable[[int, in
             folder = split if preset.get("layout") == "split" else bundle
             fields = dict(preset.get("flash", {}))
             fields["policy"] = fields.get("policy", settings.policy)
+            fields.setdefault("gate_up", "flash")  # each strategy is what its preset says, never chosen for it
             try:
                 workers[name] = Worker(name, {"kind": "flash", "bundle": str(folder), "settings": fields, **common})
             except WorkerFailed as e:

@@ -78,11 +78,11 @@ def resolve_thresholds(model, tokenizer, mode: str, sparsity: float | None, pred
 def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity: float | None = None,
                dram_budget: str | None = None, context: int = 512, max_tokens: int | None = None,
                recall: float | None = None, dtype: str = "float32", progress: Progress | None = None,
-               gate_up: str = "flash") -> dict:
+               gate_up: str = "auto") -> dict:
     """`flashllm perplexity`: {"model", "text", "tokens_in_text", "dense": PerplexityResult, mode: ...}."""
     if mode not in MODES:
         raise FlashLLMError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    if gate_up != "flash" and dram_budget is None:
+    if gate_up == "int4" and dram_budget is None:
         raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
     model_path = Path(model_path)
     loaded = load_dense(model_path, parse_dtype(dtype))
@@ -115,7 +115,7 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
 
 
 def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[float], recall: float | None,
-                     context: int, gate_up: str = "flash"):
+                     context: int, gate_up: str = "auto"):
     """The budgeted engine's model for this mode, so that its output is measured, not assumed."""
     if not is_bundle(folder):
         raise FlashLLMError("--dram-budget needs a bundle folder (make one with `flashllm convert`)")

@@ -24,8 +24,6 @@ decision cuts, window statistics, the training report).
 """
 from __future__ import annotations
 
-from __future__ import annotations
-
 import json
 import os
 from dataclasses import dataclass
@@ -74,7 +72,7 @@ class LayerPredictor:
     def stored_bytes(self) -> int:
         return sum(t.numel() for t in (self.w_in, self.w_out, self.b_out)) * 2  # float16 on disk
 
-    def to(self, dtype: torch.dtype) -> "LayerPredictor":
+    def to(self, dtype: torch.dtype) -> LayerPredictor:
         return LayerPredictor(*(t.to(dtype).contiguous() for t in (self.w_in, self.w_out, self.b_out)))
 
 
@@ -111,11 +109,11 @@ class Int4Predictor:
         m = self.matrix
         return m.codes.numel() + m.scales_zeros.numel() * 2 + (self.bias.numel() * 4 if self.bias is not None else 0)
 
-    def to(self, dtype: torch.dtype) -> "Int4Predictor":
+    def to(self, dtype: torch.dtype) -> Int4Predictor:
         return self  # computes in bfloat16 whatever the model's dtype
 
     @staticmethod
-    def from_qrows(spec: FFNSpec, gate: QRows, up: QRows) -> "Int4Predictor":
+    def from_qrows(spec: FFNSpec, gate: QRows, up: QRows) -> Int4Predictor:
         """A gated layer's own int4 gate/up rows (an int4 bundle's records): the same codes in the
         kernel's layout, nothing requantized, so the estimate is the layer's true coefficients up to the
         kernel's bfloat16 scales and zeros (qrows.to_int4_kernel) and "predicting" is computing."""
@@ -124,7 +122,7 @@ class Int4Predictor:
         return Int4Predictor(to_int4_kernel(both, prepare=False), spec.n_ff, spec.activation)
 
     @staticmethod
-    def from_ffn(spec: FFNSpec, ffn: dict[str, torch.Tensor], group: int | None = None) -> "Int4Predictor":
+    def from_ffn(spec: FFNSpec, ffn: dict[str, torch.Tensor], group: int | None = None) -> Int4Predictor:
         """ffn: {'ffn.gate.weight', 'ffn.up.weight', ['ffn.up.bias']} of one layer; group: values per
         scale and zero (default: quant.group_size, 32)."""
         if spec.gated:
@@ -174,7 +172,7 @@ class Predictors:
                                 f"{', '.join(sorted(table, key=float))}")
         return key
 
-    def with_recall(self, recall: float) -> "Predictors":
+    def with_recall(self, recall: float) -> Predictors:
         """The same predictors with the decision cuts tuned for another recall target (see RECALL_GRID)."""
         table = self.settings.get("decision_table", {})
         key = self.check_recall(self.settings, recall)
@@ -268,7 +266,7 @@ def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predict
     kind = settings.get("kind", "lowrank")
     try:  # pread, tensor by tensor: a memory map's pages would count in our resident set
         header, data_start = read_header(weights_path)
-        get = lambda name, out=None: tensor_loader(weights_path, data_start, name, header[name])(None, out)  # noqa: E731
+        get = lambda name, out=None: tensor_loader(weights_path, data_start, name, header[name])(None, out)
         work, codes = {}, None
         for i in range(len(settings["ranks"])):
             p = f"layers.{i}.predictor."

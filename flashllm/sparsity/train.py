@@ -266,6 +266,7 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
     thresholds, table, layers, fits, rows = [], {s: [] for s in THRESHOLD_GRID}, [], [], []
     distinct, predicted_distinct = [], []
     collect_seconds = 0.0
+    own_layers = 0  # int4 layers whose predictor is the bundle's own gate/up
     with torch.no_grad():
         for layer in range(L):
             t0 = time.perf_counter()
@@ -300,8 +301,9 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                 progress(layer, L, f"layer {layer}: " + (f"training rank {ranks[layer]}" if kind == "lowrank"
                                                           else "4-bit gate/up"))
             if kind == "int4":
-                fit = int4_layer(spec, ffn, torch.cat(xs["val"]), torch.cat(masks["val"]), recall, group,
-                                 _own_int4(b, layer, spec) if group in (None, GROUP) else None)
+                own = _own_int4(b, layer, spec) if group in (None, GROUP) else None
+                own_layers += own is not None
+                fit = int4_layer(spec, ffn, torch.cat(xs["val"]), torch.cat(masks["val"]), recall, group, own)
             else:
                 with torch.enable_grad():
                     fit = train_layer(torch.cat(xs["train"]), torch.cat(masks["train"]), torch.cat(xs["val"]),
@@ -332,7 +334,9 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
         "ranks": ranks,
         "kind": kind, "n_ff": spec.n_ff,
         **({"int4_rows": layers[0].matrix.rows, "int4_group": layers[0].matrix.group,
-            "int4_activation": layers[0].activation} if kind == "int4" else {}),
+            "int4_activation": layers[0].activation,
+            # "bundle": every layer's predictor is its own int4 gate/up, so gate/up from DRAM is exact
+            "int4_source": "bundle" if own_layers == L else "requantized"} if kind == "int4" else {}),
         "window_stats": {"K": WINDOW_K, "distinct": distinct, "predicted_distinct": predicted_distinct,
                          "n_ff": spec.n_ff, "tokens": "heldout" if groups["heldout"] else "validation"},
         "threshold_table": {f"{s:.2f}": table[s] for s in THRESHOLD_GRID},
