@@ -33,7 +33,9 @@ def flash_logits(flash: FlashModel, ids=IDS) -> torch.Tensor:
 def quantized(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     out = root / "bundle"
-    convert(tiny_llama(root / "src", vocab_size=256), out, dtype=request.param)
+    source = tiny_llama(root / "src", vocab_size=256)
+    tiny_tokenizer(source, 256)
+    convert(source, out, dtype=request.param)
     return request.param, out
 
 
@@ -146,3 +148,18 @@ def test_int4_predictors_of_an_int4_bundle_are_its_own_gate_up(tmp_path):
                             max_tokens=len(IDS), prefill_tokens=5)
     assert small.gate_up == "flash" and small.mode == "dense" and small.predictors is None
     assert len(small.notes) == 2 and "only down columns" in small.notes[0]
+
+
+def test_bench_serves_a_quantized_bundle(quantized):
+    """naive (the flash engine) and page-cache (compute straight over the mapped records and resident rows)
+    run on a quantized bundle and agree with the resident model."""
+    from flashllm.measure.bench import BenchSettings, run_bench
+
+    kind, folder = quantized
+    report = run_bench(folder, BenchSettings(budget="1GB", prompts=1, prompt_tokens=8, tokens=8,
+                                             strategies=("naive", "page-cache")))
+    rows = {r["name"]: r for r in report["strategies"]}
+    for name in ("naive", "page-cache"):
+        assert rows[name]["tokens"] > 0 and not rows[name]["note"].startswith("failed"), rows[name]["note"]
+        assert rows[name]["top1_agreement"] >= 0.85
+        assert rows[name]["perplexity"] == pytest.approx(rows["resident"]["perplexity"], rel=0.02)

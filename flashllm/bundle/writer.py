@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -148,8 +149,9 @@ def convert(source: Path, out: Path, dtype: str = "auto", layout: str = "bundled
                               config.num_hidden_layers)
     free = shutil.disk_usage(out.parent).free
     if needed * 1.02 + (64 << 20) > free:
-        raise FlashLLMError(f"not enough free disk in {out.parent}: the bundle needs ~{needed / 1e9:.2f} GB, "
-                            f"{free / 1e9:.2f} GB free")
+        size = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"  # noqa: E731
+        raise FlashLLMError(f"not enough free disk in {out.parent}: the bundle needs ~{size(needed)} and 64 MiB "
+                            f"to spare, {size(free)} free")
     _remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
@@ -183,7 +185,7 @@ def convert(source: Path, out: Path, dtype: str = "auto", layout: str = "bundled
                 progress(done, total, name)
         resident.close()
         if src.tokenizer is not None:
-            src.tokenizer.save(tmp)
+            _save_tokenizer(src.tokenizer, tmp)
         manifest = _manifest(src, config, spec, torch_dtype, dtype, layout, layers, tmp,
                              {k: v for k, v in kinds.items() if not is_record_tensor(k)})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -250,6 +252,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizers library reports a failed write (a full disk) as a bare Exception naming the errno:
+    made an OSError, so that it is the one-line "writing OUT failed" error like any other write."""
+    try:
+        tokenizer.save(folder)
+    except OSError:
+        raise
+    except Exception as e:
+        errno = re.search(r"\(os error (\d+)\)", str(e))
+        if errno is None:
+            raise
+        raise OSError(int(errno[1]), os.strerror(int(errno[1]))) from e
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -22,6 +22,7 @@ from flashllm.engine.generate import load_dense, score
 from flashllm.errors import FlashLLMError
 from flashllm.models import Transformer
 from flashllm.models.ffn import ffn_over_rows, neuron_coefficients
+from flashllm.models.qrows import from_records
 from flashllm.sources.hf import read_header
 
 _PHASES = ("io", "memory", "predictor")
@@ -82,8 +83,14 @@ class _MmapEngine(_Engine):
                 continue
             lo, hi = entry["data_offsets"]
             raw = torch.from_numpy(resident[data_start + lo:data_start + hi])
-            weights[name] = raw.view(bundle.dtype).view(entry["shape"])
-        model = bundle.family.model(bundle.config, weights, bundle.dtype)
+            if name in bundle.kinds:  # quantized rows, in record form: views of the mapped bytes
+                k = bundle.config.expected_shapes()[name][1]
+                weights[name] = from_records(raw.view(entry["shape"]), bundle.kinds[name], k)
+            else:
+                weights[name] = raw.view(bundle.dtype).view(entry["shape"])
+        # computed on the mapped rows as they are (no kernel-form copy in anonymous memory: the page cache
+        # alone decides what is in DRAM, as for llama.cpp without repacking)
+        model = bundle.family.model(bundle.config, weights, bundle.dtype, compute_form=False)
         parts = []
         for layer in range(bundle.config.num_hidden_layers):
             layer_parts = {}

@@ -67,13 +67,14 @@ class Transformer:
 
     ffn_parts = ("ffn.gate.weight", "ffn.up.weight", "ffn.down.weight", "ffn.up.bias")
 
-    def __init__(self, config, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    def __init__(self, config, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 compute_form: bool = True):
         self.config = config
         self.weights = weights
         self.dtype = dtype
         self.spec: FFNSpec = self.ffn_spec(config)
-        for name, w in weights.items():  # quantized matrices in the form they compute fastest in
-            if name != "embed.weight":
+        for name, w in weights.items():  # quantized matrices in the form they compute fastest in (unless
+            if name != "embed.weight" and compute_form:  # the caller keeps them as they are, e.g. mapped)
                 weights[name] = for_compute(w)
         self.ffn: FFNFunction = self.ffn_dense
         self.embedding: EmbeddingFunction = self.embedding_lookup

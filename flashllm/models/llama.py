@@ -157,8 +157,9 @@ def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class LlamaModel(Transformer):
-    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-        super().__init__(config, weights, dtype)
+    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 compute_form: bool = True):
+        super().__init__(config, weights, dtype, compute_form)
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling)
         self.lm_head = weights["embed.weight"] if config.tie_word_embeddings else weights["lm_head.weight"]
 
