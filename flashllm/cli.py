@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,12 +21,14 @@ console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty()
 @contextlib.contextmanager
 def user_errors():
     """Expected failures become one line on stderr and exit code 1; Ctrl-C exits 130."""
+    from rich.markup import escape
+
     from flashllm.errors import FlashLLMError
 
     try:
         yield
     except FlashLLMError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [..] as written
         raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -424,33 +425,9 @@ def perplexity(
 
 
 
-@contextlib.contextmanager
 def _progress(label: str):
-    """A rich progress bar on stderr, handed to library code as a (done, total, what) callback. When stderr
-    is not a terminal (a log file, CI, a pipe) a bar cannot redraw: plain lines instead, one per
-    PLAIN_PROGRESS_SECONDS (none for a shorter step, so an error stays one line) and the last."""
-    if not console.is_terminal:
-        last = {"at": time.monotonic(), "said": False}
-
-        def plain(done, total, what):
-            now = time.monotonic()
-            if now - last["at"] >= PLAIN_PROGRESS_SECONDS or (last["said"] and total and done >= total):
-                of = f"{done}/{total}" if total else f"{done}"
-                sys.stderr.write(f"{label}: {of} {what}\n")
-                sys.stderr.flush()
-                last.update(at=now, said=True)
-
-        yield plain
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=console, transient=True) as bar:
-        task = bar.add_task("", total=None)
-        yield lambda done, total, what: bar.update(task, completed=done, total=total, description=what)
-
-
-PLAIN_PROGRESS_SECONDS = 10
+    """A progress callback for library code, shown on stderr (render.progress)."""
+    return render.progress(console, label)
 
 
 def _require_tokenizer(tokenizer, path: Path):
@@ -460,6 +437,10 @@ def _require_tokenizer(tokenizer, path: Path):
         raise FlashLLMError(f"{path}: has no tokenizer (tokenizer.json or GGUF tokenizer metadata)")
     return tokenizer
 
+
+from flashllm.serve import serve_command  # noqa: E402  (a light module: the server loads on use)
+
+app.command("serve")(serve_command)
 
 if __name__ == "__main__":
     app()

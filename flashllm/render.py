@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 from rich.table import Table
 
 
@@ -85,3 +88,32 @@ def weights(summary: dict) -> str:
     kinds = sorted(set(summary["resident_kinds"].values()))
     return (f"{summary['weights']}: records {parts or summary['dtype']}; {len(summary['resident_kinds'])} resident "
             f"matrices {'/'.join(kinds)}, the rest {summary['dtype']}")
+
+
+@contextlib.contextmanager
+def progress(console, label: str):
+    """A rich progress bar on `console` (stderr), handed to library code as a (done, total, what) callback. When stderr
+    is not a terminal (a log file, CI, a pipe) a bar cannot redraw: plain lines instead, one per
+    PLAIN_PROGRESS_SECONDS (none for a shorter step, so an error stays one line) and the last."""
+    if not console.is_terminal:
+        last = {"at": time.monotonic(), "said": False}
+
+        def plain(done, total, what):
+            now = time.monotonic()
+            if now - last["at"] >= PLAIN_PROGRESS_SECONDS or (last["said"] and total and done >= total):
+                of = f"{done}/{total}" if total else f"{done}"
+                console.file.write(f"{label}: {of} {what}\n")
+                console.file.flush()
+                last.update(at=now, said=True)
+
+        yield plain
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=True) as bar:
+        task = bar.add_task("", total=None)
+        yield lambda done, total, what: bar.update(task, completed=done, total=total, description=what)
+
+
+PLAIN_PROGRESS_SECONDS = 10

@@ -208,12 +208,12 @@ def test_verify_covers_the_tokenizer_and_the_predictors(tmp_path):
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
     """In a log or CI a bar cannot redraw: a plain line once an interval has passed, then one per interval
     and the last; a step shorter than the interval prints nothing (an error stays one line)."""
-    from flashllm import cli
+    from flashllm import render
 
     source = make(tmp_path, "llama")
     result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "quiet")])
     assert result.exit_code == 0 and "converting:" not in result.stderr
-    monkeypatch.setattr(cli, "PLAIN_PROGRESS_SECONDS", 0.0)  # every update is past the interval
+    monkeypatch.setattr(render, "PLAIN_PROGRESS_SECONDS", 0.0)  # every update is past the interval
     result = CliRunner().invoke(app, ["convert", str(source), str(tmp_path / "bundle")])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("converting: ")]

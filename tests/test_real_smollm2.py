@@ -99,3 +99,24 @@ def test_bundle_logits_bit_identical_to_gguf(smollm2_gguf, smollm2_bundle):
         model = load_dense(path, torch.float16).model
         results.append(model.forward(torch.tensor(ids), 0, model.new_cache(len(ids))))
     assert torch.equal(results[0], results[1])
+
+
+def test_sparse_chat_answer_equals_dense(ours):
+    """At 50% sparsity (thresholds calibrated on the built-in prose) the greedy chat answer equals dense's:
+    the prompt's prefill keeps every neuron (sparsity/reference.py PROMPT_DENSE_NOTE). With the prompt
+    sparse too this answer was "La femme de France, le grand-mère de"."""
+    from flashllm.cli import _prompt_text
+    from flashllm.corpus import load_corpus
+    from flashllm.sparsity.reference import sparse_ffn
+    from flashllm.sparsity.thresholds import calibrate_thresholds
+
+    model, tokenizer = ours.model, ours.tokenizer
+    ids = load_corpus(None).tokens("train", lambda s: tokenizer.encode(s, add_bos=False), 1024)
+    sequences = [torch.tensor(ids[i:i + 256]) for i in range(0, 1024, 256)]
+    thresholds = calibrate_thresholds(model, sequences, [0.5])[0.5]
+    prompt = tokenizer.encode(_prompt_text(tokenizer, "What is the capital of France?", True, None))
+    settings = SamplingSettings(max_tokens=12)
+    dense = tokenizer.decode(list(generate(model, prompt, settings, tokenizer.eos_token_ids)))
+    sparse_model = model.with_ffn(sparse_ffn(model, thresholds))
+    sparse = tokenizer.decode(list(generate(sparse_model, prompt, settings, tokenizer.eos_token_ids)))
+    assert "Paris" in dense and sparse == dense

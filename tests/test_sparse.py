@@ -122,6 +122,26 @@ def test_oracle_sparse_equals_masked_dense(bundle):
     assert (flash_logits(flash) - expected).abs().max() < 1e-4
 
 
+def test_a_prompts_prefill_keeps_every_neuron(bundle):
+    """A last_only forward (a prompt's prefill, in passes or not) is computed with every neuron by the
+    flash engine and by the reference sparse FFN; the steps after it are sparse."""
+    from flashllm.sparsity.reference import sparse_ffn
+
+    flash = thresholded(bundle)
+    dense = load_dense(bundle).model
+    ids = torch.tensor(IDS)
+    expected = dense.forward(ids, 0, dense.new_cache(len(IDS)), last_only=True)
+    reference = dense.with_ffn(sparse_ffn(dense, flash.thresholds))
+    for model in (flash.model, reference):
+        for max_pass in (None, 3):
+            model.max_pass = max_pass
+            got = model.forward(ids, 0, model.new_cache(len(IDS) + 1), last_only=True)
+            assert (got - expected).abs().max() < 1e-4
+    if dense.spec.gated:  # every position at once (scoring): sparse, so it differs
+        sparse = reference.forward(ids, 0, reference.new_cache(len(IDS)))[-1:]
+        assert (sparse - expected).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("policy", ["lru", "window", "pinned"])
 def test_policies_run_within_capacity(bundle, policy):
     flash = FlashModel(bundle, BIG, FlashSettings(mode="dense", policy=policy), 32, 16)

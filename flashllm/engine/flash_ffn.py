@@ -63,6 +63,7 @@ class FlashFFN:
         self.counters = FlashCounters()
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
         self._estimate: torch.Tensor | None = None  # estimate_gate_up: this layer's a~ [T, n_ff]
+        self._prompt = False  # this pass is a prompt's prefill: every neuron (sparsity.reference.PROMPT_DENSE_NOTE)
 
     @staticmethod
     def work_bytes_for(spec: FFNSpec, record_bytes: int, tokens: int, quantized: bool = False) -> int:
@@ -77,6 +78,10 @@ class FlashFFN:
     @property
     def nbytes(self) -> int:
         return self.scratch.nbytes + self.gathered.nbytes
+
+    def begin_pass(self, start: int, tokens: int, prompt: bool) -> None:
+        """Called by the model before each forward pass; a prompt's prefill keeps every neuron."""
+        self._prompt = prompt
 
     def record_trace(self) -> None:
         """From now on keep every token's needed set per layer in `trace` (policy replay)."""
@@ -127,15 +132,16 @@ class FlashFFN:
         return y
 
     def _needed_mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dense":
-            return torch.ones(x.shape[0], self.spec.n_ff, dtype=torch.bool)
+        every = torch.ones(x.shape[0], self.spec.n_ff, dtype=torch.bool)
+        if self.estimate_gate_up:  # the estimate is what the FFN computes with
+            self._estimate = self.predictors.layers[layer].coefficients(x)  # [T, n_ff] float32
+            return every if self._prompt else active_mask(self.spec, self._estimate, self.thresholds[layer])
+        if self.mode == "dense" or self._prompt:
+            return every
         if self.mode == "oracle":
             w = self.oracle_weights[layer]
             a = neuron_coefficients(self.spec, x, w.get("ffn.gate.weight"), w["ffn.up.weight"], w.get("ffn.up.bias"))
             return active_mask(self.spec, a, self.thresholds[layer])
-        if self.estimate_gate_up:  # the estimate is what the FFN computes with
-            self._estimate = self.predictors.layers[layer].coefficients(x)  # [T, n_ff] float32
-            return active_mask(self.spec, self._estimate, self.thresholds[layer])
         return self.predictors.predict(layer, x)
 
     def _read(self, layer: int, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -159,7 +165,8 @@ class FlashFFN:
         else:
             bias = parts["up_bias"][:, 0] if "up_bias" in parts else None
             a = neuron_coefficients(self.spec, x, parts.get("gate"), parts["up"], bias, self.work)  # [T, n]
-            a = a * (mask[:, index] & active_mask(self.spec, a, self.thresholds[layer]))
+            keep = mask[:, index] if self._prompt else mask[:, index] & active_mask(self.spec, a, self.thresholds[layer])
+            a = a * keep
         return ffn_over_rows(a, parts["down"], x.dtype, self.work)  # [T, d]
 
 

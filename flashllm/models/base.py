@@ -173,17 +173,21 @@ class Transformer:
         if last_only and self.max_pass is not None and len(tokens) > self.max_pass:
             step = self.max_pass
             for offset in range(0, len(tokens) - step, step):  # all passes but the last fill the cache
-                self._layers(tokens[offset:offset + step], start + offset, cache)
+                self._layers(tokens[offset:offset + step], start + offset, cache, prompt=True)
             offset = (len(tokens) - 1) // step * step
             tokens, start = tokens[offset:], start + offset
-        h = self._layers(tokens, start, cache)
+        h = self._layers(tokens, start, cache, prompt=last_only)
         if last_only:
             h = h[-1:]
         return self.head(h).float()
 
-    def _layers(self, tokens: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
-        """The hidden states after the last layer, [T, d]."""
+    def _layers(self, tokens: torch.Tensor, start: int, cache: KVCache, prompt: bool = False) -> torch.Tensor:
+        """The hidden states after the last layer, [T, d]. `prompt`: this pass is a prompt's prefill (a
+        last_only forward), which a sparse FFN provider computes with every neuron (see begin_pass)."""
         ffn = self.ffn
+        begin = getattr(ffn, "begin_pass", None)
+        if begin is not None:
+            begin(start, len(tokens), prompt)
         h = self.embed(tokens, start)  # [T, d]
         for layer in range(self.config.num_hidden_layers):
             h = self.attention(layer, h, start, cache)

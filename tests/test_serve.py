@@ -1,0 +1,122 @@
+"""`flashllm serve` started for real in a subprocess on a free port, driven over HTTP with the standard
+library: the OpenAI routes, streaming, stop strings, usage, errors as OpenAI JSON with 4xx, the API key."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from flashllm.bundle.writer import convert  # noqa: E402
+from tests.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+KEY = "sekrit"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    source = tiny_llama(root / "src", vocab_size=300)
+    tiny_tokenizer(source, 300)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}<assistant>"
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    convert(source, root / "bundle", dtype="float32")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "flashllm", "serve", str(root / "bundle"), "--dram-budget",
+                                "1GB", "--port", str(port), "--api-key", KEY, "--context", "96"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            request("GET", url + "/models")
+            break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited: {process.stderr.read()[-800:]}")
+            time.sleep(0.3)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def request(method, url, body=None, key=KEY, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method), timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_models_and_completions(server):
+    status, text = request("GET", server + "/models")
+    assert status == 200 and json.loads(text)["data"][0]["id"] == "bundle"
+    body = {"model": "bundle", "prompt": "the cat sat", "max_tokens": 6, "temperature": 0}
+    status, text = request("POST", server + "/completions", body)
+    out = json.loads(text)
+    assert status == 200 and out["object"] == "text_completion"
+    assert out["usage"]["completion_tokens"] <= 6 and out["usage"]["prompt_tokens"] > 0
+    assert out["flashllm"]["budget_bytes"] == 10**9
+    again = json.loads(request("POST", server + "/completions", body)[1])
+    assert again["choices"][0]["text"] == out["choices"][0]["text"]  # greedy: the same text
+
+
+def test_chat_stream_matches_whole(server):
+    body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8, "temperature": 0}
+    whole = json.loads(request("POST", server + "/chat/completions", body)[1])
+    status, text = request("POST", server + "/chat/completions", body | {"stream": True})
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert streamed == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "usage" in chunks[-1]
+    stats = json.loads(request("GET", server + "/stats")[1])
+    assert stats["requests"] >= 2 and stats["peak_rss_bytes"] > 0
+
+
+def test_stop_strings_cut_the_text(server):
+    from flashllm.serve import _StopFilter
+
+    f = _StopFilter(["END", "\n\n"])  # pieces as a stream delivers them: a stop may span pieces
+    out = "".join(f.push(p) for p in ["Hello E", "N", "x wor", "ld\n", "\nmore"]) + f.flush()
+    assert out == "Hello ENx world" and f.stopped
+    f = _StopFilter(["END"])
+    assert "".join(f.push(p) for p in ["ab", "EN"]) + f.flush() == "abEN" and not f.stopped
+    body = {"prompt": "the cat sat", "max_tokens": 4, "temperature": 0, "stop": ["zzz"]}
+    status, text = request("POST", server + "/completions", body)
+    assert status == 200 and json.loads(text)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("case, status, fragment", [
+    ("no key", 401, "API key"), ("bad json", 400, "not valid JSON"), ("negative", 400, "max_tokens"),
+    ("model", 404, "does not exist"), ("long", 400, "exceed the context"), ("messages", 400, "messages")])
+def test_bad_requests_get_openai_errors(server, case, status, fragment):
+    url, body, key, raw = server + "/completions", {"prompt": "hi", "max_tokens": 4}, KEY, None
+    if case == "no key":
+        key = None
+    elif case == "bad json":
+        raw = b"{not json"
+    elif case == "negative":
+        body["max_tokens"] = -3
+    elif case == "model":
+        body["model"] = "gpt-4"
+    elif case == "long":
+        body["prompt"] = "the cat sat on the mat " * 40
+    elif case == "messages":
+        url, body = server + "/chat/completions", {"messages": "hi"}
+    got, text = request("POST", url, body, key=key, raw=raw)
+    assert got == status and fragment in json.loads(text)["error"]["message"]
+    assert request("GET", server + "/models")[0] == 200  # the server is still up
