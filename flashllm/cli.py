@@ -440,7 +440,7 @@ def _require_tokenizer(tokenizer, path: Path):
 
 from flashllm.serve import serve_command  # noqa: E402  (a light module: the server loads on use)
 
-app.command("serve")(serve_command)
+app.command("serve")(serve_command(console, user_errors, _bundle_for))
 
 if __name__ == "__main__":
     app()

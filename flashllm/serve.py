@@ -251,29 +251,33 @@ def create_app(model: Model, model_id: str, api_key: str | None = None):
                              Route("/v1/stats", stats)])
 
 
-def serve_command(
-    model: str = typer.Argument(..., help="A bundle folder or known model name."),
-    dram_budget: str = typer.Option("50%", "--dram-budget", "-b", help="DRAM budget: 1.5GB, 800MiB or 50%."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (localhost by default)."),
-    port: int = typer.Option(8000, min=1, max=65535, help="Port."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
-    context: int = typer.Option(2048, min=2, help="Tokens of prompt + generation per request."),
-):
-    """An OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions, /v1/stats) over one
-    model under one DRAM budget; needs `pip install -e ".\\[serve]"`."""
-    from flashllm.cli import _bundle_for, console, user_errors
+def serve_command(console, user_errors, bundle_for):
+    """The `serve` verb for the CLI's typer app, given its console, error handler and bundle resolver (the
+    CLI passes them in: this module never imports the CLI)."""
 
-    with user_errors():
-        try:
-            import uvicorn  # noqa: F401
-            import starlette  # noqa: F401
-        except ImportError:
-            raise FlashLLMError('serve needs the server extra: pip install -e ".[serve]"') from None
-        from flashllm.api import Model
+    def serve(
+        model: str = typer.Argument(..., help="A bundle folder or known model name."),
+        dram_budget: str = typer.Option("50%", "--dram-budget", "-b", help="DRAM budget: 1.5GB, 800MiB or 50%."),
+        host: str = typer.Option("127.0.0.1", help="Address to bind (localhost by default)."),
+        port: int = typer.Option(8000, min=1, max=65535, help="Port."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
+        context: int = typer.Option(2048, min=2, help="Tokens of prompt + generation per request."),
+    ):
+        """An OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions, /v1/stats) over one
+        model under one DRAM budget; needs `pip install -e ".\\[serve]"`."""
+        with user_errors():
+            try:
+                import starlette  # noqa: F401
+                import uvicorn
+            except ImportError:
+                raise FlashLLMError('serve needs the server extra: pip install -e ".[serve]"') from None
+            from flashllm.api import Model
 
-        folder = _bundle_for(model)
-        opened = Model.open(folder, dram_budget, context=context)
-        app = create_app(opened, Path(folder).name, api_key)
-        console.print(f"serving {Path(folder).name} on http://{host}:{port}/v1 (budget "
-                      f"{opened.budget_bytes / 1e6:,.0f} MB, context {opened.context})", highlight=False)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+            folder = bundle_for(model)
+            opened = Model.open(folder, dram_budget, context=context)
+            app = create_app(opened, Path(folder).name, api_key)
+            console.print(f"serving {Path(folder).name} on http://{host}:{port}/v1 (budget "
+                          f"{opened.budget_bytes / 1e6:,.0f} MB, context {opened.context})", highlight=False)
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+
+    return serve
