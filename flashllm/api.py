@@ -3,7 +3,7 @@ text), read the statistics of the last call. The same engine as `flashllm genera
 
     from flashllm.api import Model
 
-    with Model.open("~/.cache/flashllm/bundles/smollm2-135m", dram_budget="60%") as model:
+    with Model.open("~/.cache/flashllm/bundles/smollm2-135m", dram_budget="70%") as model:
         for piece in model.stream("The capital of France is", max_tokens=16):
             print(piece, end="", flush=True)
         print(model.generate("What is the capital of France?", chat=True, max_tokens=16))
@@ -21,7 +21,7 @@ from flashllm.engine.stats import FlashStats
 from flashllm.errors import FlashLLMError
 from flashllm.tokenizer import StreamDecoder, Tokenizer
 
-DEFAULT_CONTEXT = 2048  # tokens of prompt + generation the KV cache is planned for
+DEFAULT_CONTEXT = 512  # tokens of prompt + generation the KV cache is planned for (SmolLM2: 24 MB of KV)
 
 
 class Model:

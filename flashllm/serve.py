@@ -261,7 +261,7 @@ def serve_command(console, user_errors, bundle_for):
         host: str = typer.Option("127.0.0.1", help="Address to bind (localhost by default)."),
         port: int = typer.Option(8000, min=1, max=65535, help="Port."),
         api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY'."),
-        context: int = typer.Option(2048, min=2, help="Tokens of prompt + generation per request."),
+        context: int = typer.Option(512, min=2, help="Tokens of prompt + generation per request (the KV cache is planned for it)."),
     ):
         """An OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions, /v1/stats) over one
         model under one DRAM budget; needs `pip install -e ".\\[serve]"`."""

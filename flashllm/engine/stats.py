@@ -40,8 +40,12 @@ class FlashStats:
     prefill_seconds: float = 0.0
     step_ms: list[float] = field(default_factory=list)
 
+    @property
+    def bytes_read_per_token(self) -> float:
+        return self.bytes_read / self.tokens if self.tokens else 0
+
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("step_ms")
-        d["bytes_read_per_token"] = self.bytes_read / self.tokens if self.tokens else 0
+        d["bytes_read_per_token"] = self.bytes_read_per_token
         return d
