@@ -101,3 +101,12 @@ def test_help_lists_commands_without_importing_torch():
     assert out.startswith("0 False"), out[:200]
     for verb in ("generate", "pull", "convert", "train-predictor", "bench", "perplexity"):
         assert verb in out
+
+
+def test_policy_help_names_every_policy():
+    from flashllm.engine.cache import POLICIES
+
+    for verb in ("generate", "bench"):
+        text = " ".join(runner.invoke(app, [verb, "--help"], terminal_width=400).output.split())
+        line = text[text.index("--policy"):][:300]
+        assert all(policy in line for policy in POLICIES), (verb, line)
