@@ -12,10 +12,10 @@ without it gets 401.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -173,13 +173,18 @@ def create_app(model: Model, model_id: str, api_key: str | None = None):
                 lock.release()
 
         async def events():
+            in_flight = None  # the token being computed in a worker thread
             try:
                 if chat:
                     yield f"data: {json.dumps(chunk(None, None, first=True))}\n\n"
                 while not stops.stopped:
                     if await request.is_disconnected():
                         return  # the engine is freed at this token
-                    piece = await run_in_threadpool(next, pieces, None)
+                    # shielded: a disconnect cancels this coroutine, never the token in flight, which
+                    # must finish before the engine is handed to the next request
+                    in_flight = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
+                    piece = await asyncio.shield(in_flight)
+                    in_flight = None
                     if piece is None:
                         break
                     text = stops.push(piece)
@@ -194,6 +199,9 @@ def create_app(model: Model, model_id: str, api_key: str | None = None):
                                                       "flashllm": model.stats.to_json()}
                 yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
             finally:
+                if in_flight is not None:
+                    with contextlib.suppress(BaseException):
+                        await in_flight
                 pieces.close()
                 lock.release()
 

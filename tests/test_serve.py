@@ -23,7 +23,7 @@ KEY = "sekrit"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    source = tiny_llama(root / "src", vocab_size=300)
+    source = tiny_llama(root / "src", vocab_size=300, max_position_embeddings=8192)
     tiny_tokenizer(source, 300)
     config = json.loads((source / "tokenizer_config.json").read_text())
     config["chat_template"] = "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}<assistant>"
@@ -33,7 +33,7 @@ def server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "flashllm", "serve", str(root / "bundle"), "--dram-budget",
-                                "1GB", "--port", str(port), "--api-key", KEY, "--context", "96"],
+                                "1GB", "--port", str(port), "--api-key", KEY, "--context", "4096"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 120
@@ -114,9 +114,33 @@ def test_bad_requests_get_openai_errors(server, case, status, fragment):
     elif case == "model":
         body["model"] = "gpt-4"
     elif case == "long":
-        body["prompt"] = "the cat sat on the mat " * 40
+        body["prompt"] = "the cat sat on the mat " * 1000
     elif case == "messages":
         url, body = server + "/chat/completions", {"messages": "hi"}
     got, text = request("POST", url, body, key=key, raw=raw)
     assert got == status and fragment in json.loads(text)["error"]["message"]
     assert request("GET", server + "/models")[0] == 200  # the server is still up
+
+
+def test_a_client_that_disconnects_frees_the_engine(server):
+    """A stream of thousands of tokens, dropped after its first event: the next request is served at
+    once, and the dropped one never completes (it is not in the running totals)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    before = json.loads(request("GET", server + "/stats")[1])
+    u = urlparse(server)
+    connection = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    body = {"prompt": "the cat sat", "max_tokens": 4000, "temperature": 1.0, "seed": 1, "stream": True}
+    connection.request("POST", "/v1/completions", json.dumps(body),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    assert response.status == 200
+    response.fp.readline()  # the first event has started: the engine is busy with this request
+    connection.sock.close()
+    connection.close()
+    status, text = request("POST", server + "/completions", {"prompt": "the cat", "max_tokens": 3})
+    assert status == 200
+    after = json.loads(request("GET", server + "/stats")[1])
+    assert after["requests"] == before["requests"] + 1  # only the second one: the first was dropped
+    assert after["completion_tokens"] - before["completion_tokens"] <= 3
