@@ -29,25 +29,31 @@ def server(tmp_path_factory):
     config["chat_template"] = "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}<assistant>"
     (source / "tokenizer_config.json").write_text(json.dumps(config))
     convert(source, root / "bundle", dtype="float32")
+    process, url = start_server(root / "bundle", "--dram-budget", "1GB", "--api-key", KEY, "--context", "4096")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def start_server(bundle, *args):
+    """`flashllm serve BUNDLE ARGS` in a subprocess on a free port, once it answers: (process, base url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "flashllm", "serve", str(root / "bundle"), "--dram-budget",
-                                "1GB", "--port", str(port), "--api-key", KEY, "--context", "4096"],
+    process = subprocess.Popen([sys.executable, "-m", "flashllm", "serve", str(bundle), "--port", str(port), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline:
         try:
             request("GET", url + "/models")
-            break
+            return process, url
         except OSError:
             if process.poll() is not None:
                 pytest.fail(f"the server exited: {process.stderr.read()[-800:]}")
             time.sleep(0.3)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    process.kill()
+    pytest.fail("the server did not answer within 300 s")
 
 
 def request(method, url, body=None, key=KEY, raw=None):
@@ -144,3 +150,20 @@ def test_a_client_that_disconnects_frees_the_engine(server):
     after = json.loads(request("GET", server + "/stats")[1])
     assert after["requests"] == before["requests"] + 1  # only the second one: the first was dropped
     assert after["completion_tokens"] - before["completion_tokens"] <= 3
+
+
+@pytest.mark.realmodel
+def test_real_smollm2_server_answers_the_chat_question(smollm2_bundle):
+    """The real SmolLM2-135M bundle behind the server, under a budget: the greedy chat answer."""
+    process, url = start_server(smollm2_bundle, "--dram-budget", "70%")
+    try:
+        body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
+                "temperature": 0}
+        status, text = request("POST", url + "/chat/completions", body, key=None)
+        out = json.loads(text)
+        assert status == 200 and out["choices"][0]["message"]["content"].startswith("The capital of France is Paris")
+        stats = out["flashllm"]
+        assert stats["peak_rss_bytes"] <= stats["budget_bytes"] + stats["overhead_bytes"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
