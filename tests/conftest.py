@@ -50,3 +50,16 @@ def smollm2_quantized_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "smollm2-q"
     convert(smollm2_gguf, out, dtype="auto")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_float_bundle(tmp_path_factory) -> Path:
+    """A tiny random Llama (vocab 300) with a tokenizer, as a float32 bundle; tests only read it."""
+    from flashllm.bundle.writer import convert
+    from tests.tiny import tiny_llama, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-float")
+    source = tiny_llama(root / "src", vocab_size=300)
+    tiny_tokenizer(source, 300)
+    convert(source, root / "bundle", dtype="float32")
+    return root / "bundle"

@@ -4,21 +4,15 @@ the last call are filled, bad requests are one-line FlashLLMErrors."""
 import pytest
 
 from flashllm.api import Model
-from flashllm.bundle.writer import convert
 from flashllm.engine.flash_model import FlashModel
 from flashllm.engine.generate import SamplingSettings
 from flashllm.errors import FlashLLMError
 from flashllm.tokenizer import StreamDecoder
-from tests.tiny import tiny_llama, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    source = tiny_llama(root / "src", vocab_size=300)
-    tiny_tokenizer(source, 300)
-    convert(source, root / "bundle", dtype="float32")
-    return root / "bundle"
+@pytest.fixture
+def bundle(tiny_float_bundle):
+    return tiny_float_bundle
 
 
 def test_stream_generate_and_stats(bundle):

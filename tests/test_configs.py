@@ -5,13 +5,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flashllm.bundle.writer import convert
 from flashllm.cli import app
 from flashllm.configs import available, load_config, strategies
 from flashllm.engine.flash_model import FlashSettings
 from flashllm.errors import FlashLLMError
 from tests.test_cli_errors import assert_one_line_error
-from tests.tiny import tiny_llama, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -30,13 +28,9 @@ def test_unknown_preset_names_the_known_ones():
         load_config("no-such-preset")
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("configs")
-    source = tiny_llama(root / "src", vocab_size=300)
-    tiny_tokenizer(source, 300)
-    convert(source, root / "bundle", dtype="float32")
-    return root / "bundle"
+@pytest.fixture
+def bundle(tiny_float_bundle):
+    return tiny_float_bundle
 
 
 def run_json(args):

@@ -13,20 +13,10 @@ from flashllm.engine.flash_model import FlashModel, FlashSettings
 from flashllm.engine.generate import SamplingSettings, load_dense
 from flashllm.models.qrows import QRows, row_bytes
 from flashllm.models.quant import Int4Matrix
+from tests.test_sparse import IDS, flash_logits
 from tests.tiny import tiny_llama, tiny_tokenizer
 
-IDS = [5, 17, 3, 88, 41, 2, 60, 60, 9, 33]
 BIG = 10**10
-
-
-def flash_logits(flash: FlashModel, ids=IDS) -> torch.Tensor:
-    model = flash.model
-    cache = model.new_cache(len(ids))
-    half = len(ids) // 2
-    out = [model.forward(torch.tensor(ids[:half]), 0, cache)]
-    for pos in range(half, len(ids)):
-        out.append(model.forward(torch.tensor([ids[pos]]), pos, cache))
-    return torch.cat(out)
 
 
 @pytest.fixture(scope="module", params=["int4", "int8"])

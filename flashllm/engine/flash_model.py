@@ -105,7 +105,7 @@ class FlashModel:
                 tensor if name == "embed.weight" else for_compute(tensor)
             if not isinstance(tensor, torch.Tensor):
                 release_free_heap()  # conversion temporaries go back before the next one: a bounded peak
-        self.model = bundle.family.model(c, weights, dtype)  # quantized matrices take their compute form here
+        self.model = bundle.family.model(c, weights, dtype, compute_form=False)  # converted above, one at a time
         # one workspace for every expansion of quantized rows: the FFN's records, QRows matrices, the head
         width = max(self.model.quantized_width, self.spec.d if bundle.quantized else 0)
         self.workspace = Workspace(width) if width else None
@@ -133,7 +133,7 @@ class FlashModel:
         if settings.gate_up != "int4":
             choices += [(None, True)] if use_predictors else []
             choices.append((None, False))
-        predictor_bytes = predictors_nbytes(bundle.folder, dtype) if use_predictors else 0
+        predictor_bytes = predictors_nbytes(bundle.folder, dtype, psettings) if use_predictors else 0
         for i, (parts, with_predictors) in enumerate(choices):
             self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
             record = max(layout.record_bytes for layout in self.layouts)
@@ -162,7 +162,7 @@ class FlashModel:
             self.mode = "dense"
         self.predictors: Predictors | None = None
         if use_predictors:  # fp16 gemv is fast on CPU
-            self.predictors = load_predictors(bundle.folder, dtype=dtype)
+            self.predictors = load_predictors(bundle.folder, dtype=dtype, settings=psettings)
             if settings.recall is not None:
                 self.predictors = self.predictors.with_recall(settings.recall)
         self.model.limit_context(max_tokens)

@@ -197,8 +197,7 @@ class LlamaModel(Transformer):
         return self._norm(h, f"layers.{layer}.ffn_norm.weight")
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        x = self._norm(h, "norm.weight")
-        return x @ self.lm_head.T if isinstance(self.lm_head, torch.Tensor) else linear(x, self.lm_head, work=self.workspace)  # [T, vocab]
+        return linear(self._norm(h, "norm.weight"), self.lm_head, work=self.workspace)  # [T, vocab]
 
 
 def gguf_tensor_fixup(config: LlamaConfig, arch: str, canonical: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -125,8 +125,7 @@ class OPTModel(Transformer):
         return self._norm(h, f"layers.{layer}.ffn_norm")
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        x, table = self._norm(h, "norm"), self.weights["embed.weight"]
-        return x @ table.T if isinstance(table, torch.Tensor) else linear(x, table, work=self.workspace)  # [T, vocab]
+        return linear(self._norm(h, "norm"), self.weights["embed.weight"], work=self.workspace)  # [T, vocab]
 
 
 FAMILY = Family(name="opt", config=OPTConfig, model=OPTModel, hf_names=HF_NAMES, gguf_names={})

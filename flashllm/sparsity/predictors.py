@@ -235,11 +235,12 @@ def read_settings(folder: Path) -> dict | None:
     return settings
 
 
-def predictors_nbytes(folder: Path, dtype: torch.dtype = torch.float32) -> int | None:
+def predictors_nbytes(folder: Path, dtype: torch.dtype = torch.float32, settings: dict | None = None) -> int | None:
     """What load_predictors(folder, dtype) will keep in DRAM, from the files' headers alone (None: no
     predictors), so a budget can decide before loading them: int4 codes and scales as stored (the
-    kernel's packed form is as large as ours), low-rank matrices in `dtype`."""
-    settings = read_settings(folder)
+    kernel's packed form is as large as ours), low-rank matrices in `dtype`. `settings`: read_settings'
+    result when the caller has it already (not read and checked again)."""
+    settings = settings if settings is not None else read_settings(folder)
     if settings is None:
         return None
     header, _ = read_header(Path(folder) / WEIGHTS_FILE)
@@ -256,9 +257,9 @@ def predictors_nbytes(folder: Path, dtype: torch.dtype = torch.float32) -> int |
 _STORED_ITEMSIZE = {"U8": 1, "BF16": 2, "F16": 2, "F32": 4}
 
 
-def load_predictors(folder: Path, dtype: torch.dtype = torch.float32) -> Predictors | None:
-    """The bundle's predictors, or None when it has none."""
-    settings = read_settings(folder)
+def load_predictors(folder: Path, dtype: torch.dtype = torch.float32, settings: dict | None = None) -> Predictors | None:
+    """The bundle's predictors, or None when it has none (`settings`: read_settings' result, if at hand)."""
+    settings = settings if settings is not None else read_settings(folder)
     if settings is None:
         return None
     weights_path = Path(folder) / WEIGHTS_FILE
