@@ -11,6 +11,7 @@ from flashllm.bundle.verify import verify
 from flashllm.bundle.writer import convert
 from flashllm.engine.flash_model import FlashModel, FlashSettings
 from flashllm.engine.generate import SamplingSettings, load_dense
+from flashllm.models import packed
 from flashllm.models.qrows import QRows, row_bytes
 from flashllm.models.quant import Int4Matrix
 from tests.test_sparse import IDS, flash_logits
@@ -72,9 +73,33 @@ def test_engine_on_every_neuron_equals_the_dense_quantized_model(quantized):
     small = FlashModel.open(folder, flash.plan.fixed_bytes + 2 * 3 * flash.plan.record_bytes * 16,
                             FlashSettings(mode="dense"), 32, 16)
     assert max(small.plan.capacities) < flash.spec.n_ff
+    assert flash.kernel_form == small.kernel_form == (kind == "int4" and packed.available())
     assert (flash_logits(small) - ours).abs().max() < 1e-5
     tokens = list(small.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False)))
     assert tokens == list(flash.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False)))
+
+
+def test_kernel_form_caches_compute_like_expanded_records(quantized):
+    """int4 gate/up cached in the kernel's layout give the numbers of the expanded records up to the
+    kernel's bfloat16, and every byte of the stores is in the plan."""
+    kind, folder = quantized
+    if kind != "int4" or not packed.available():
+        pytest.skip("kernel-form caches hold int4 gate/up rows")
+    expanded = FlashModel.open(folder, BIG, FlashSettings(mode="dense", kernel_cache=False), 32, 16)
+    reference = flash_logits(expanded)
+    whole = FlashModel.open(folder, BIG, FlashSettings(mode="dense"), 32, 16)
+    budget = whole.plan.fixed_bytes + 3 * whole.plan.record_bytes * 40  # caches smaller than the FFN
+    for flash in (whole, FlashModel.open(folder, budget, FlashSettings(mode="dense"), 32, 16)):
+        assert flash.kernel_form and not expanded.kernel_form
+        assert (flash_logits(flash) - reference).abs().max() < 2e-2 * float(reference.abs().max())
+        parts = flash.plan.parts
+        caches = sum(cache.nbytes for cache in flash.caches)
+        padding = caches - flash.plan.cache_bytes - parts["cache index"]
+        assert 0 <= padding <= parts["kernel padding"]
+        assert flash.ffn.nbytes <= parts["FFN work"]
+        list(flash.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False)))
+        assert sum(cache.nbytes for cache in flash.caches) == caches  # nothing grows while generating
+    assert max(flash.plan.capacities) < flash.spec.n_ff
 
 
 def test_quantized_bundle_needs_less_dram_than_float16(quantized, tmp_path):

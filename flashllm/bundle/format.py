@@ -107,6 +107,9 @@ class RecordLayout:
     def quantized(self) -> bool:
         return any(p.kind is not None for p in self.parts)
 
+    def column(self, name: str) -> PartColumns:
+        return next(p for p in self.parts if p.name == name)
+
     def split(self, rows: torch.Tensor) -> dict[str, torch.Tensor | QRows]:
         """rows: [n, record_bytes] uint8 -> {part: [n, values]} in the bundle dtype, or QRows for quantized
         parts (views, no copy)."""

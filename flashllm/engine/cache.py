@@ -10,11 +10,15 @@ sets exceeds any useful capacity, so an eviction policy decides what stays:
 - "pinned": the most frequently needed neurons (by a running count) are never evicted while they
   stay among the hottest `pin_fraction` of capacity; the rest is LRU.
 - "static": first come, kept forever: the paper's hybrid baseline (part of the FFN resident).
+
+`companions` are stores kept slot for slot with the matrix (an int4 kernel-form copy of the gate/up
+rows, flashllm.models.packed): the swap-delete moves their rows too, and their bytes count as the cache's.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 POLICIES = ("lru", "window", "pinned", "static")
 NEVER = np.iinfo(np.int64).min // 2
@@ -37,6 +41,7 @@ class NeuronCache:
         self.pin_count = int(capacity * pin_fraction) if policy == "pinned" else 0
         self.num_used = 0
         self.step = 0
+        self.companions: list = []  # stores kept slot for slot with the matrix (flashllm.models.packed)
 
     @staticmethod
     def bytes_for(n_neurons: int, capacity: int, record_bytes: int) -> int:
@@ -46,7 +51,7 @@ class NeuronCache:
     @property
     def nbytes(self) -> int:
         return self.matrix.nbytes + self.pointer.nbytes + self.last_used.nbytes + self.slot_of.nbytes + \
-            self.frequency.nbytes
+            self.frequency.nbytes + sum(c.nbytes for c in self.companions)
 
     def lookup(self, needed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Split sorted neuron ids into (cached, missing) and mark the cached ones as used now."""
@@ -110,6 +115,8 @@ class NeuronCache:
         self.slot_of[self.pointer[slots]] = -1
         if len(holes):
             self.matrix[holes] = self.matrix[movers]
+            for companion in self.companions:
+                companion.move(torch.from_numpy(holes), torch.from_numpy(movers))
             self.pointer[holes] = self.pointer[movers]
             self.last_used[holes] = self.last_used[movers]
             self.slot_of[self.pointer[holes]] = holes

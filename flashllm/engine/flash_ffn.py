@@ -18,14 +18,24 @@ from flashllm.bundle.format import RecordLayout
 from flashllm.disk.reader import FlashReader, RecordRegion
 from flashllm.engine.cache import NeuronCache
 from flashllm.engine.stats import TokenTimes
-from flashllm.models.ffn import COMPUTE_ROWS, FFNSpec, active_mask, ffn_over_rows, neuron_coefficients
-from flashllm.models.qrows import Workspace, dequantize_rows, from_records
+from flashllm.models.ffn import COMPUTE_ROWS, FFNSpec, activate, active_mask, ffn_over_rows, neuron_coefficients
+from flashllm.models import packed
+from flashllm.models.packed import PackedInt4
+from flashllm.models.qrows import Workspace, combine, dequantize_rows, from_records
 from flashllm.sparsity.predictors import Predictors
 
 SCRATCH_ROWS = 512  # records streamed past the cache per chunk
 # per token of a forward pass: coefficients a (float32), |a| and the masks, predictor logits and the
 # int4 estimate (float32), and their bool/float temporaries: 28 bytes per neuron, measured on SmolLM2
 _TOKEN_BYTES_PER_NEURON = 28
+
+
+def kernel_form(layout: RecordLayout) -> bool:
+    """Whether a layer's cache can keep its gate/up rows in the int4 kernel's layout: int4 gate and up in
+    the records, a down column, and a torch whose kernel layout flashllm.models.packed writes."""
+    kinds = {p.name: p.kind for p in layout.parts}
+    return kinds.get("gate") == kinds.get("up") == "int4" and "down" in kinds and "up_bias" not in kinds \
+        and packed.available()
 
 
 @dataclass
@@ -41,12 +51,15 @@ class FlashFFN:
 
     mode: "dense" (every neuron), "oracle" (the true |a| > t set, from resident gate/up), "predictor".
     estimate_gate_up: gate/up come from the 4-bit predictors (the split layout's down region is read).
+    packed: per layer None, or the (gate, up) stores of its cache in the int4 kernel's layout
+    (flashllm.models.packed): records read go through the scratch rows, gate/up into the stores and the
+    down column into the cache row, and the cached neurons' gate/up products are one kernel call each.
     """
 
     def __init__(self, spec: FFNSpec, layouts: list[RecordLayout], caches: list[NeuronCache], reader: FlashReader,
                  mode: str, thresholds: list[float], predictors: Predictors | None = None,
                  oracle_weights: list[dict] | None = None, estimate_gate_up: bool = False,
-                 work: Workspace | None = None):
+                 work: Workspace | None = None, packed: list[tuple[PackedInt4, PackedInt4] | None] | None = None):
         self.spec, self.layouts, self.caches, self.reader = spec, layouts, caches, reader
         self.mode, self.thresholds = mode, list(thresholds)
         self.predictors, self.oracle_weights = predictors, oracle_weights
@@ -59,6 +72,10 @@ class FlashFFN:
         self.gathered = np.zeros((COMPUTE_ROWS if self.quantized else 0, record), dtype=np.uint8)
         self._gathered = torch.from_numpy(self.gathered)  # the same memory, for torch's index_select
         self.work = work
+        self.packed = packed or [None] * len(layouts)
+        # records streamed past a kernel-form cache take the same kernel path, through two scratch stores
+        self.stream_stores = (PackedInt4(SCRATCH_ROWS, spec.d), PackedInt4(SCRATCH_ROWS, spec.d)) \
+            if any(p is not None for p in self.packed) else None
         self.times = TokenTimes()
         self.counters = FlashCounters()
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
@@ -66,18 +83,23 @@ class FlashFFN:
         self._prompt = False  # this pass is a prompt's prefill: every neuron (sparsity.reference.PROMPT_DENSE_NOTE)
 
     @staticmethod
-    def work_bytes_for(spec: FFNSpec, record_bytes: int, tokens: int, quantized: bool = False) -> int:
+    def work_bytes_for(spec: FFNSpec, record_bytes: int, tokens: int, quantized: bool = False,
+                       kernel: bool = False) -> int:
         """Memory the FFN's work takes beyond its caches: the scratch rows and the temporaries of a
         forward pass over `tokens` tokens; quantized records add the buffer of gathered rows and a block's
-        products (gate, up, coefficients). Their expansion goes into the model's Workspace, counted there."""
+        products (gate, up, coefficients). Their expansion goes into the model's Workspace, counted there.
+        A kernel-form cache adds the two scratch stores and its products over every cached slot."""
         work = SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
         if quantized:
             work += COMPUTE_ROWS * (record_bytes + tokens * 4 * 3)
+        if kernel:
+            work += 2 * PackedInt4.bytes_for(SCRATCH_ROWS, spec.d) + tokens * packed.slots_for(spec.n_ff) * 4 * 3
         return work
 
     @property
     def nbytes(self) -> int:
-        return self.scratch.nbytes + self.gathered.nbytes
+        stores = sum(store.nbytes for store in self.stream_stores) if self.stream_stores else 0
+        return self.scratch.nbytes + self.gathered.nbytes + stores
 
     def begin_pass(self, start: int, tokens: int, prompt: bool) -> None:
         """Called by the model before each forward pass; a prompt's prefill keeps every neuron."""
@@ -102,11 +124,16 @@ class FlashFFN:
         self.counters.hit += len(hits)
         t2 = time.perf_counter()
         self.times.memory += t2 - t1
-        self._read(layer, insert, cache.free_rows(len(insert)))
-        cache.commit(insert)
+        if self.packed[layer] is not None:
+            self._admit_packed(layer, insert)
+        else:
+            self._read(layer, insert, cache.free_rows(len(insert)))
+            cache.commit(insert)
+            self.times.io += time.perf_counter() - t2
         t3 = time.perf_counter()
-        self.times.io += t3 - t2
-        if self.layouts[layer].quantized:  # expand only the rows this token needs, a block at a time
+        if self.packed[layer] is not None:
+            y = self._compute_packed(layer, x, mask, self.packed[layer], cache.pointer[:cache.num_used], cache.matrix, 0)
+        elif self.layouts[layer].quantized:  # expand only the rows this token needs, a block at a time
             ids = np.concatenate([hits, insert])
             slots = torch.from_numpy(cache.slot_of[ids])
             matrix = torch.from_numpy(cache.matrix)
@@ -125,9 +152,61 @@ class FlashFFN:
             self._read(layer, ids, self.scratch[:len(ids)])
             t5 = time.perf_counter()
             self.times.io += t5 - t4
-            y += self._compute(layer, x, mask, self.scratch[:len(ids)], ids)
+            if self.packed[layer] is not None:  # through the scratch stores: the same numbers as cached rows
+                parts = self.layouts[layer].split(torch.from_numpy(self.scratch[:len(ids), :self.layouts[layer].record_bytes]))
+                for store, part in zip(self.stream_stores, ("gate", "up")):
+                    store.write(0, parts[part])
+                down = self.layouts[layer].column("down").start
+                y += self._compute_packed(layer, x, mask, self.stream_stores, ids, self.scratch, down)
+            else:
+                y += self._compute(layer, x, mask, self.scratch[:len(ids)], ids)
             self.times.ffn_compute += time.perf_counter() - t5
         return y
+
+    def _admit_packed(self, layer: int, ids: np.ndarray) -> None:
+        """Read these records through the scratch rows into the next free slots: gate/up into the kernel
+        stores, the down column into the cache rows (I/O, then memory management)."""
+        cache, layout, (gate, up) = self.caches[layer], self.layouts[layer], self.packed[layer]
+        down = layout.column("down")
+        for start in range(0, len(ids), SCRATCH_ROWS):
+            chunk = ids[start:start + SCRATCH_ROWS]
+            rows = self.scratch[:len(chunk)]
+            t0 = time.perf_counter()
+            self._read(layer, chunk, rows)
+            t1 = time.perf_counter()
+            self.times.io += t1 - t0
+            parts = layout.split(torch.from_numpy(rows[:, :layout.record_bytes]))
+            gate.write(cache.num_used, parts["gate"])
+            up.write(cache.num_used, parts["up"])
+            cache.free_rows(len(chunk))[:] = rows[:, down.start:down.stop]
+            cache.commit(chunk)
+            self.times.memory += time.perf_counter() - t1
+
+    def _compute_packed(self, layer: int, x: torch.Tensor, mask: torch.Tensor, stores: tuple[PackedInt4, PackedInt4],
+                        ids: np.ndarray, rows: np.ndarray, down_start: int) -> torch.Tensor:
+        """The FFN over neurons `ids` whose gate/up sit in the first len(ids) slots of `stores` and whose
+        down columns start at byte `down_start` of `rows`: gate/up products in two kernel calls, then the
+        down columns of the needed, above-threshold neurons (cached and streamed rows compute alike)."""
+        n = len(ids)
+        y = torch.zeros(x.shape[0], self.spec.d)
+        if n == 0:
+            return y.to(x.dtype)
+        gate, up = stores
+        a = activate(gate.matmul(x, n), self.spec.activation) * up.matmul(x, n)  # [T, n]
+        keep = mask[:, torch.from_numpy(ids)]
+        if not self._prompt:
+            keep &= active_mask(self.spec, a, self.thresholds[layer])
+        a = a * keep
+        chosen = torch.from_numpy(np.flatnonzero(keep.any(0).numpy()))
+        down = self.layouts[layer].column("down")
+        width = down.stop - down.start
+        source = torch.from_numpy(rows)[:, down_start:down_start + width]
+        for start in range(0, len(chosen), COMPUTE_ROWS):
+            block = chosen[start:start + COMPUTE_ROWS]
+            gathered = self._gathered.view(-1)[:len(block) * width].view(len(block), width)
+            torch.index_select(source, 0, block, out=gathered)
+            y += combine(a[:, block], from_records(gathered, down.kind, down.values), self.work)
+        return y.to(x.dtype)
 
     def _needed_mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.estimate_gate_up:  # the estimate is what the FFN computes with

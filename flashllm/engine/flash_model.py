@@ -15,10 +15,11 @@ from flashllm.disk.reader import FlashReader
 from flashllm.disk.system import bound_heap, current_rss, kernel_read_bytes, peak_rss, release_free_heap
 from flashllm.engine.budget import BudgetPlan, plan_budget
 from flashllm.engine.cache import POLICIES, NeuronCache
-from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN
+from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN, kernel_form
 from flashllm.engine.generate import GenerationStats, SamplingSettings, generate
 from flashllm.engine.stats import FlashStats
 from flashllm.errors import FlashLLMError
+from flashllm.models import packed
 from flashllm.models.layers import KVCache
 from flashllm.models.qrows import Workspace, for_compute
 from flashllm.sparsity.predictors import Predictors, load_predictors, predictors_nbytes, read_settings
@@ -45,6 +46,9 @@ class FlashSettings:
     # predictors are the int4 bundle's own gate/up and it fits the budget, else "flash" (read every part)
     gate_up: str = "auto"
     recall: float | None = None  # the predictors' decision cuts for this recall target (None: as trained)
+    # int4 gate/up records: the caches keep gate/up in torch's int4 kernel layout (flashllm.models.packed)
+    # and compute on them in place; False: cached records are expanded to float32 per token (the old path)
+    kernel_cache: bool = True
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -137,15 +141,23 @@ class FlashModel:
         for i, (parts, with_predictors) in enumerate(choices):
             self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
             record = max(layout.record_bytes for layout in self.layouts)
+            # a cached neuron: its record, or in kernel form its down column plus the packed gate/up rows
+            self.kernel_form = settings.kernel_cache and all(kernel_form(layout) for layout in self.layouts)
             fixed = {**common, "predictors": predictor_bytes if with_predictors else 0,
-                     "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized)}
+                     "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized,
+                                                         self.kernel_form)}
+            row = per_neuron = record
+            if self.kernel_form:
+                row = max(layout.column("down").stop - layout.column("down").start for layout in self.layouts)
+                per_neuron = row + 2 * packed.row_bytes(self.spec.d)
+                fixed["kernel padding"] = L * (packed.PAD_ROWS - 1) * 2 * packed.row_bytes(self.spec.d)
             stats = psettings.get("window_stats") if with_predictors else None
             need = None
             if stats:
                 k = min(settings.window, len(stats["distinct"][0])) - 1
                 need = [layer[k] for layer in stats["distinct"]]
             try:
-                self.plan: BudgetPlan = plan_budget(budget, fixed, self.spec.n_ff, L, record, need,
+                self.plan: BudgetPlan = plan_budget(budget, fixed, self.spec.n_ff, L, per_neuron, need,
                                                     cache=settings.cache)
                 break
             except FlashLLMError:
@@ -172,11 +184,17 @@ class FlashModel:
             else [0.0] * L
         if len(self.thresholds) != L:
             raise FlashLLMError(f"{len(self.thresholds)} activation thresholds for a model of {L} layers")
-        self.caches = [NeuronCache(self.spec.n_ff, cap, record, settings.policy, settings.window,
+        self.caches = [NeuronCache(self.spec.n_ff, cap, row, settings.policy, settings.window,
                                    settings.pin_fraction) for cap in self.plan.capacities]
+        stores = [None] * L
+        if self.kernel_form:
+            stores = [(packed.PackedInt4(cache.capacity, self.spec.d), packed.PackedInt4(cache.capacity, self.spec.d))
+                      for cache in self.caches]
+            for cache, pair in zip(self.caches, stores):
+                cache.companions = list(pair)
         self.ffn = FlashFFN(self.spec, self.layouts, self.caches, self.reader, self.mode, self.thresholds,
                             self.predictors, self._load_oracle() if self.mode == "oracle" else None,
-                            estimate_gate_up=self.gate_up == "int4", work=self.workspace)
+                            estimate_gate_up=self.gate_up == "int4", work=self.workspace, packed=stores)
         self.model.use_ffn(self.ffn)
         if self.workspace is not None:
             self.model.use_workspace(self.workspace)
@@ -267,7 +285,7 @@ class FlashModel:
         n_ff, L = self.spec.n_ff, self.bundle.config.num_hidden_layers
         stats.sparsity = 1 - delta["needed"] / (steps * n_ff * L) if steps else 0.0
         stats.window, stats.policy, stats.mode = self.settings.window, self.settings.policy, self.mode
-        stats.gate_up = self.gate_up
+        stats.gate_up, stats.kernel_cache = self.gate_up, self.kernel_form
         stats.cache_share = self.plan.cache_share
         stats.step_ms = [1000 * s for s in gen.step_seconds]
 

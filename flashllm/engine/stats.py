@@ -36,6 +36,7 @@ class FlashStats:
     policy: str = ""
     mode: str = ""
     gate_up: str = ""  # "int4": gate/up from the predictors in DRAM, only down read; "flash": every part read
+    kernel_cache: bool = False  # the caches keep int4 gate/up in torch's kernel layout (flashllm.models.packed)
     cache_share: float = 0.0
     prefill_seconds: float = 0.0
     step_ms: list[float] = field(default_factory=list)

@@ -1,0 +1,151 @@
+"""Slots of int4 rows kept in the layout of torch's CPU int4 kernel, written row by row.
+
+`_weight_int4pack_mm_for_cpu` computes x @ W.T straight from 4-bit codes (7.6 G weights/s on this
+machine's 2 cores against ~0.9 G for expanding our rows to float32 and multiplying). Its converter packs
+a whole matrix at once; a neuron cache changes a few rows at a time, so this module writes the kernel's
+layout itself: rows in blocks of B, block b a [k, B/2] byte matrix whose byte [j, d] holds row B*b + d
+in its low nibble and row B*b + d + B/2 in its high one (column j of both). B is found by a probe against
+the converter when first used (32 with AVX2, the only layout seen so far); a torch whose layout differs
+is detected and the engine keeps computing on expanded rows (`available()` is False).
+
+Scales and zeros are bfloat16 (the kernel computes (q - 8) * s + z, so z = min + 8 * s), the same
+rounding the resident int4 matrices take (flashllm.models.qrows.to_int4_kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from flashllm.models.qrows import GROUP, QRows
+from flashllm.models.quant import kernel_available
+
+PAD_ROWS = 64  # slots are allocated in multiples of this (the kernel wants N % 16 == 0; 64 covers any B seen)
+_SCATTER_ROWS = 64  # rows per chunk of a scattered write: its index temporaries stay under 1 MB
+
+
+def _pack_block(values: torch.Tensor, block: int) -> torch.Tensor:
+    """[n, k] codes (n a multiple of `block`) -> [n / block, k, block / 2] bytes of the kernel layout."""
+    n, k = values.shape
+    halves = values.view(n // block, 2, block // 2, k).transpose(2, 3)  # [blocks, 2, k, B/2]
+    return halves[:, 0] | (halves[:, 1] << 4)
+
+
+def _pack_nibbles(codes: np.ndarray, block: int, out: np.ndarray) -> None:
+    """Plain-nibble rows [n, k/2] (n a multiple of `block`) into `out` [n / block, k, block / 2], without
+    unpacking: column 2m of a row is the low nibble of its byte m, column 2m + 1 the high one."""
+    n, half = codes.shape
+    rows = codes.reshape(n // block, 2, block // 2, half).transpose(0, 1, 3, 2)  # [blocks, 2, k/2, B/2]
+    low, high = rows[:, 0], rows[:, 1]
+    pairs = out.reshape(n // block, half, 2, block // 2)
+    np.bitwise_or(low & 0x0F, (high & 0x0F) << 4, out=pairs[:, :, 0])
+    np.bitwise_or(low >> 4, high & 0xF0, out=pairs[:, :, 1])
+
+
+def _unpack(codes: np.ndarray) -> np.ndarray:
+    values = np.empty((codes.shape[0], codes.shape[1] * 2), dtype=np.uint8)
+    values[:, 0::2] = codes & 0x0F
+    values[:, 1::2] = codes >> 4
+    return values
+
+
+@functools.cache
+def block_rows() -> int | None:
+    """The kernel's row block B on this machine, or None when its layout is not the one written here."""
+    if not kernel_available():
+        return None
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(torch.uint8).reshape(-1)
+    for block in (32, 64):
+        if torch.equal(_pack_block(codes.to(torch.uint8), block).reshape(-1), packed):
+            return block
+    return None
+
+
+def available() -> bool:
+    return block_rows() is not None
+
+
+def row_bytes(k: int) -> int:
+    """DRAM per slot: k/2 code bytes and a bfloat16 scale and zero per group of 32."""
+    return k // 2 + (k // GROUP) * 4
+
+
+def slots_for(capacity: int) -> int:
+    return -(-capacity // PAD_ROWS) * PAD_ROWS
+
+
+class PackedInt4:
+    """`capacity` slots (rounded up to PAD_ROWS) of int4 rows of k values in the kernel's layout."""
+
+    def __init__(self, capacity: int, k: int):
+        self.block = block_rows()
+        if self.block is None:
+            raise RuntimeError("torch's int4 kernel layout is not available here")
+        self.k, self.slots = k, slots_for(capacity)
+        self.codes = torch.zeros(self.slots // self.block, k, self.block // 2, dtype=torch.uint8)
+        self.scales_zeros = torch.zeros(k // GROUP, self.slots, 2, dtype=torch.bfloat16)
+        self._flat = self.codes.view(-1).numpy()  # the same memory: numpy's fancy indexing is ~10x torch's here
+        self._columns = np.arange(k, dtype=np.int64) * (self.block // 2)
+
+    @staticmethod
+    def bytes_for(capacity: int, k: int) -> int:
+        return slots_for(capacity) * row_bytes(k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales_zeros.nbytes
+
+    def write(self, start: int, q: QRows) -> None:
+        """Rows q into slots [start, start + q.n): whole blocks packed at once, the edges row by row."""
+        n, B = q.n, self.block
+        codes = q.codes.numpy()
+        first = min(n, -start % B)  # rows before the first block boundary
+        whole = (n - first) // B * B
+        if whole:
+            b = (start + first) // B
+            _pack_nibbles(codes[first:first + whole], B, self.codes.numpy()[b:b + whole // B])
+        edges = np.r_[0:first, first + whole:n]
+        if len(edges):
+            self._scatter(edges + start, _unpack(codes[edges]))
+        scale, low = q.scales.float(), q.mins.float()  # [n, G]
+        self.scales_zeros[:, start:start + n, 0] = scale.T
+        self.scales_zeros[:, start:start + n, 1] = (low + 8 * scale).T
+
+    def move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy the rows in slots `src` to slots `dst` (the cache's swap-delete)."""
+        if len(dst) == 0:
+            return
+        dst_np, src_np = dst.numpy(), src.numpy()
+        for i in range(0, len(dst), _SCATTER_ROWS):
+            index, shift = self._index(src_np[i:i + _SCATTER_ROWS])
+            self._scatter(dst_np[i:i + _SCATTER_ROWS], (self._flat[index] >> shift) & 0x0F)
+        self.scales_zeros[:, dst] = self.scales_zeros[:, src]
+
+    def matmul(self, x: torch.Tensor, used: int) -> torch.Tensor:
+        """x [T, k] -> x @ W.T [T, used] float32 over the first `used` slots (computed in bfloat16)."""
+        xb = x.to(torch.bfloat16).contiguous()
+        packed = self.codes.view(self.slots, self.k // 2)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, self.scales_zeros)
+        return y[:, :used].float()
+
+    def _index(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Flat byte positions [n, k] of these slots' codes, and the shift [n, 1] of their nibble."""
+        B = self.block
+        base = slots // B * (self.k * B // 2) + slots % (B // 2)
+        shift = (slots % B >= B // 2).astype(np.uint8) * 4
+        return base[:, None] + self._columns, shift[:, None]
+
+    def _scatter(self, slots: np.ndarray, values: np.ndarray) -> None:
+        """values [n, k] codes into these slots. Rows d and d + B/2 of a block share their bytes, so the
+        low-nibble rows and the high-nibble rows go in separate passes (one pass would lose a nibble)."""
+        high = slots % self.block >= self.block // 2
+        for part in (~high, high):
+            chosen, rows = slots[part], values[part]
+            for i in range(0, len(chosen), _SCATTER_ROWS):
+                index, shift = self._index(chosen[i:i + _SCATTER_ROWS])
+                kept = self._flat[index] & (0xF0 >> shift)  # the other row's nibble
+                self._flat[index] = kept | (rows[i:i + _SCATTER_ROWS] << shift)

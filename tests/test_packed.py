@@ -1,0 +1,74 @@
+"""Neuron caches in torch's int4 kernel layout (flashllm.models.packed): rows written at any slot, moved
+by the cache's evictions, compute exactly what the kernel computes on the converter's own packing."""
+
+import numpy as np
+import pytest
+import torch
+
+from flashllm.engine.cache import NeuronCache
+from flashllm.models import packed
+from flashllm.models.packed import PackedInt4
+from flashllm.models.qrows import QRows, quantize_rows, to_int4_kernel
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="torch's int4 kernel layout is not the one written")
+
+
+def reference(q: QRows, x: torch.Tensor) -> torch.Tensor:
+    """The kernel on torch's own converter's packing of the same rows (bfloat16 scales and zeros alike)."""
+    return to_int4_kernel(q).matmul(x)
+
+
+def test_the_probe_finds_the_layout():
+    assert packed.block_rows() in (32, 64)
+
+
+@pytest.mark.parametrize("cuts", [[200], [37, 150, 200], [1, 2, 3, 70, 131, 200], [64, 128, 200]])
+def test_writes_at_any_offset_equal_the_converter(cuts):
+    torch.manual_seed(0)
+    q = quantize_rows(torch.randn(200, 128), "int4")
+    store = PackedInt4(200, 128)
+    start = 0
+    for stop in cuts:  # pieces that start and end inside a block of rows, or on its edges
+        store.write(start, q[start:stop])
+        start = stop
+    x = torch.randn(3, 128)
+    assert torch.equal(store.matmul(x, 200), reference(q, x))
+    assert store.nbytes == PackedInt4.bytes_for(200, 128) == 256 * packed.row_bytes(128)
+
+
+def test_a_row_shares_its_bytes_with_another_and_neither_is_lost():
+    """Rows d and d + B/2 of a block live in the two nibbles of the same bytes: writing one keeps the other."""
+    torch.manual_seed(1)
+    q = quantize_rows(torch.randn(64, 64), "int4")
+    store = PackedInt4(64, 64)
+    store.write(0, q)
+    fresh = quantize_rows(torch.randn(1, 64), "int4")
+    store.write(5, fresh)  # one row, the low nibbles of its bytes
+    expected = QRows("int4", q.codes.clone(), q.scales.clone(), q.mins.clone())
+    expected.codes[5], expected.scales[5], expected.mins[5] = fresh.codes[0], fresh.scales[0], fresh.mins[0]
+    x = torch.randn(1, 64)
+    assert torch.equal(store.matmul(x, 64), reference(expected, x))
+
+
+def test_the_store_follows_the_cache_through_evictions():
+    """A cache with a store as companion: after every step, slot s of the store holds neuron pointer[s]."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(2)
+    n, k = 300, 64
+    q = quantize_rows(torch.randn(n, k), "int4")
+    for policy in ("lru", "window", "pinned"):
+        cache = NeuronCache(n, 90, 1, policy=policy)
+        store = PackedInt4(90, k)
+        cache.companions = [store]
+        x = torch.randn(2, k)
+        for _ in range(40):
+            needed = np.unique(rng.choice(n, size=rng.integers(1, 80), replace=False))
+            _, missing = cache.lookup(needed)
+            insert = cache.admit(missing)
+            store.write(cache.num_used, q[torch.from_numpy(insert)] if len(insert) else q[0:0])
+            cache.commit(insert)
+            cache.check()
+            used = cache.num_used
+            rows = torch.from_numpy(cache.pointer[:used])
+            held = QRows("int4", q.codes[rows], q.scales[rows], q.mins[rows])
+            assert torch.equal(store.matmul(x, used), reference(held, x)), policy
