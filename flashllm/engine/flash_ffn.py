@@ -9,6 +9,7 @@ a small scratch buffer, so any cache capacity works and the budget is never exce
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +66,10 @@ class FlashFFN:
         self.predictors, self.oracle_weights = predictors, oracle_weights
         self.estimate_gate_up = estimate_gate_up
         record = max(layout.record_bytes for layout in layouts)
-        self.scratch = np.zeros((SCRATCH_ROWS, record), dtype=np.uint8)  # [rows, record bytes]
+        # records streamed past the cache: two buffers, one read (by the prefetch thread) while the other computes
+        self.scratches = (np.zeros((SCRATCH_ROWS, record), dtype=np.uint8), np.zeros((SCRATCH_ROWS, record), dtype=np.uint8))
+        self.scratch = self.scratches[0]  # also where records bound for a kernel-form cache pass through
+        self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashllm-prefetch")
         # quantized records: the needed cache rows are gathered a block at a time into one buffer, and
         # expanded into the shared workspace (both made once: see work_bytes_for)
         self.quantized = any(layout.quantized for layout in layouts)
@@ -89,7 +93,7 @@ class FlashFFN:
         forward pass over `tokens` tokens; quantized records add the buffer of gathered rows and a block's
         products (gate, up, coefficients). Their expansion goes into the model's Workspace, counted there.
         A kernel-form cache adds the two scratch stores and its products over every cached slot."""
-        work = SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
+        work = 2 * SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
         if quantized:
             work += COMPUTE_ROWS * (record_bytes + tokens * 4 * 3)
         if kernel:
@@ -99,7 +103,10 @@ class FlashFFN:
     @property
     def nbytes(self) -> int:
         stores = sum(store.nbytes for store in self.stream_stores) if self.stream_stores else 0
-        return self.scratch.nbytes + self.gathered.nbytes + stores
+        return sum(b.nbytes for b in self.scratches) + self.gathered.nbytes + stores
+
+    def close(self) -> None:
+        self._prefetch.shutdown(wait=True)
 
     def begin_pass(self, start: int, tokens: int, prompt: bool) -> None:
         """Called by the model before each forward pass; a prompt's prefill keeps every neuron."""
@@ -130,6 +137,9 @@ class FlashFFN:
             self._read(layer, insert, cache.free_rows(len(insert)))
             cache.commit(insert)
             self.times.io += time.perf_counter() - t2
+        overflow = missing[len(insert):]  # what the cache cannot hold streams past it, read ahead
+        pending = self._prefetch.submit(self._read, layer, overflow[:SCRATCH_ROWS],
+                                        self.scratches[0][:min(len(overflow), SCRATCH_ROWS)]) if len(overflow) else None
         t3 = time.perf_counter()
         if self.packed[layer] is not None:
             y = self._compute_packed(layer, x, mask, self.packed[layer], cache.pointer[:cache.num_used], cache.matrix, 0)
@@ -145,22 +155,31 @@ class FlashFFN:
         else:  # float rows: the FFN over the whole cache matrix in place, restricted by the mask
             y = self._compute(layer, x, mask, cache.matrix[:cache.num_used], cache.pointer[:cache.num_used])
         self.times.ffn_compute += time.perf_counter() - t3
-        overflow = missing[len(insert):]
-        for start in range(0, len(overflow), SCRATCH_ROWS):  # what the cache cannot hold streams past it
-            ids = overflow[start:start + SCRATCH_ROWS]
-            t4 = time.perf_counter()
-            self._read(layer, ids, self.scratch[:len(ids)])
-            t5 = time.perf_counter()
-            self.times.io += t5 - t4
-            if self.packed[layer] is not None:  # through the scratch stores: the same numbers as cached rows
-                parts = self.layouts[layer].split(torch.from_numpy(self.scratch[:len(ids), :self.layouts[layer].record_bytes]))
+        return y + self._stream(layer, x, mask, overflow, pending)
+
+    def _stream(self, layer: int, x: torch.Tensor, mask: torch.Tensor, overflow: np.ndarray, pending) -> torch.Tensor:
+        """The FFN over records that do not fit the cache, SCRATCH_ROWS at a time through two scratch
+        buffers: the next chunk is read (by the prefetch thread) while this one computes. `pending` is the
+        read of the first chunk, started before the cached neurons were computed."""
+        y = torch.zeros(x.shape[0], self.spec.d, dtype=x.dtype)
+        layout, kernel = self.layouts[layer], self.packed[layer] is not None
+        for i, start in enumerate(range(0, len(overflow), SCRATCH_ROWS)):
+            ids, rows = overflow[start:start + SCRATCH_ROWS], self.scratches[i % 2]
+            t0 = time.perf_counter()
+            pending.result()  # the read of this chunk; the wait is the I/O time the token sees
+            t1 = time.perf_counter()
+            self.times.io += t1 - t0
+            following = overflow[start + SCRATCH_ROWS:start + 2 * SCRATCH_ROWS]
+            if len(following):
+                pending = self._prefetch.submit(self._read, layer, following, self.scratches[(i + 1) % 2][:len(following)])
+            if kernel:  # through the scratch stores: the same numbers as cached rows
+                parts = layout.split(torch.from_numpy(rows[:len(ids), :layout.record_bytes]))
                 for store, part in zip(self.stream_stores, ("gate", "up")):
                     store.write(0, parts[part])
-                down = self.layouts[layer].column("down").start
-                y += self._compute_packed(layer, x, mask, self.stream_stores, ids, self.scratch, down)
+                y += self._compute_packed(layer, x, mask, self.stream_stores, ids, rows, layout.column("down").start)
             else:
-                y += self._compute(layer, x, mask, self.scratch[:len(ids)], ids)
-            self.times.ffn_compute += time.perf_counter() - t5
+                y += self._compute(layer, x, mask, rows[:len(ids)], ids)
+            self.times.ffn_compute += time.perf_counter() - t1
         return y
 
     def _admit_packed(self, layer: int, ids: np.ndarray) -> None:

@@ -290,4 +290,5 @@ class FlashModel:
         stats.step_ms = [1000 * s for s in gen.step_seconds]
 
     def close(self) -> None:
+        self.ffn.close()
         self.reader.close()
