@@ -87,6 +87,7 @@ class _StopFilter:
 
 
 def create_app(model: Model, model_id: str, api_key: str | None = None):
+    import anyio
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, StreamingResponse
@@ -199,11 +200,16 @@ def create_app(model: Model, model_id: str, api_key: str | None = None):
                                                       "flashllm": model.stats.to_json()}
                 yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
             finally:
-                if in_flight is not None:
-                    with contextlib.suppress(BaseException):
-                        await in_flight
-                pieces.close()
-                lock.release()
+                try:
+                    if in_flight is not None:
+                        # the disconnect's cancel scope cancels every await here too: only a shielded
+                        # scope waits for the token (closing the generator under it raised, and the lock
+                        # stayed held)
+                        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                            await in_flight
+                    pieces.close()
+                finally:
+                    lock.release()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
