@@ -94,8 +94,7 @@ def test_kernel_form_caches_compute_like_expanded_records(quantized):
         assert (flash_logits(flash) - reference).abs().max() < 2e-2 * float(reference.abs().max())
         parts = flash.plan.parts
         caches = sum(cache.nbytes for cache in flash.caches)
-        padding = caches - flash.plan.cache_bytes - parts["cache index"]
-        assert 0 <= padding <= parts["kernel padding"]
+        assert caches <= flash.plan.cache_bytes + parts["cache index"]  # the stores' padding comes out of it
         assert flash.ffn.nbytes <= parts["FFN work"]
         list(flash.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False)))
         assert sum(cache.nbytes for cache in flash.caches) == caches  # nothing grows while generating

@@ -150,7 +150,6 @@ class FlashModel:
             if self.kernel_form:
                 row = max(layout.column("down").stop - layout.column("down").start for layout in self.layouts)
                 per_neuron = row + 2 * packed.row_bytes(self.spec.d)
-                fixed["kernel padding"] = L * (packed.PAD_ROWS - 1) * 2 * packed.row_bytes(self.spec.d)
             stats = psettings.get("window_stats") if with_predictors else None
             need = None
             if stats:
@@ -184,8 +183,11 @@ class FlashModel:
             else [0.0] * L
         if len(self.thresholds) != L:
             raise FlashLLMError(f"{len(self.thresholds)} activation thresholds for a model of {L} layers")
+        capacities = self.plan.capacities
+        if self.kernel_form:  # the stores pad their slots to a multiple of 64 rows: out of each cache's share
+            capacities = [packed.capacity_within(cap, per_neuron, 2 * packed.row_bytes(self.spec.d)) for cap in capacities]
         self.caches = [NeuronCache(self.spec.n_ff, cap, row, settings.policy, settings.window,
-                                   settings.pin_fraction) for cap in self.plan.capacities]
+                                   settings.pin_fraction) for cap in capacities]
         stores = [None] * L
         if self.kernel_form:
             stores = [(packed.PackedInt4(cache.capacity, self.spec.d), packed.PackedInt4(cache.capacity, self.spec.d))

@@ -78,6 +78,15 @@ def slots_for(capacity: int) -> int:
     return -(-capacity // PAD_ROWS) * PAD_ROWS
 
 
+def capacity_within(capacity: int, slot_bytes: int, store_row_bytes: int) -> int:
+    """The most slots c <= capacity whose bytes, with the stores' padding to PAD_ROWS, stay within what
+    `capacity` slots of `slot_bytes` were planned to take (the padding comes out of the cache itself)."""
+    c = capacity
+    while c > 0 and c * slot_bytes + (slots_for(c) - c) * store_row_bytes > capacity * slot_bytes:
+        c -= 1
+    return c
+
+
 class PackedInt4:
     """`capacity` slots (rounded up to PAD_ROWS) of int4 rows of k values in the kernel's layout."""
 
