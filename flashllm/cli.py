@@ -379,7 +379,7 @@ def train_predictor(
 def perplexity(
     ctx: typer.Context,
     model: str = typer.Argument(..., help="A bundle folder, GGUF file, Hugging Face folder or known model name."),
-    text: str = typer.Argument(..., help="A text file, or builtin:heldout / builtin:train."),
+    text: str = typer.Argument(..., help="A text file, or builtin:heldout / builtin:train, or builtin:DOMAIN:SPLIT (docs, code, chat)."),
     mode: str = typer.Option("dense", help="dense, oracle (true active sets) or predictor."),
     sparsity: Optional[float] = typer.Option(None, help="Target sparsity of gated FFNs (oracle mode; predictor mode must match training)."),
     recall: Optional[float] = typer.Option(None, help="Predictor mode: use the decision cuts tuned for this recall (0.8 0.9 0.95 0.98 0.99 0.995)."),

@@ -25,12 +25,17 @@ MAX_DOCUMENT_CHARS = 16_000  # long documents are cut into pieces so that none d
 MIN_DOCUMENT_CHARS = 200
 BUILTIN = "builtin"
 SPLITS = ("train", "heldout")
+# the built-in corpus's domains: "docs" (the language reference and docstrings: English technical prose,
+# the default), "code" (the standard library's Python source), "chat" (one question and its answer per
+# documented function, rendered through the model's own chat template)
+DOMAINS = ("docs", "code", "chat")
 
 
 @dataclass(frozen=True)
 class Document:
     name: str
     load: Callable[[], str]
+    chat: bool = False  # load() returns a conversation: user and assistant turns separated by CHAT_TURN
 
     @property
     def split(self) -> str:
@@ -44,18 +49,28 @@ class Corpus:
         self.description = description
         self.documents = documents
 
-    def texts(self, split: str) -> Iterator[str]:
+    def texts(self, split: str, render: Callable[[list[dict]], str] | None = None) -> Iterator[str]:
+        """The split's texts; conversations through `render` (a chat template), else as plain turns."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}")
         for doc in self.documents:
-            if doc.split == split:
-                for piece in _pieces(doc.load()):
-                    yield piece
+            if doc.split != split:
+                continue
+            if doc.chat:
+                text = doc.load()
+                if CHAT_TURN not in text:  # the file has fewer documented names
+                    continue
+                question, answer = text.split(CHAT_TURN, 1)
+                messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                yield render(messages) if render else f"User: {question}\nAssistant: {answer}"
+                continue
+            yield from _pieces(doc.load())
 
-    def tokens(self, split: str, encode: Callable[[str], list[int]], max_tokens: int) -> list[int]:
+    def tokens(self, split: str, encode: Callable[[str], list[int]], max_tokens: int,
+               render: Callable[[list[dict]], str] | None = None) -> list[int]:
         """Token ids of the split's documents back to back (blank line between), up to max_tokens."""
         ids: list[int] = []
-        for text in self.texts(split):
+        for text in self.texts(split, render):
             ids += encode(text.strip() + "\n\n")
             if len(ids) >= max_tokens:
                 break
@@ -107,8 +122,23 @@ def read_text(path: Path) -> str:
         raise FlashLLMError(f"{path}: not a text file (not UTF-8)") from None
 
 
-def builtin_corpus() -> Corpus:
-    """The language reference (pydoc topics) and standard library docstrings, interleaved by hash."""
+CHAT_TURN = "\x1e"  # separates a chat document's question from its answer
+
+
+def builtin_corpus(domain: str = "docs") -> Corpus:
+    """One domain of the built-in corpus (DOMAINS), its documents interleaved by hash."""
+    if domain not in DOMAINS:
+        raise FlashLLMError(f"unknown built-in domain {domain!r} (choose from {', '.join(DOMAINS)})")
+    if domain == "code":
+        docs = [Document(f"code/{name}", lambda f=file: _source(f)) for name, file in _library()]
+        docs.sort(key=lambda d: zlib.crc32(d.name.encode()))
+        return Corpus(f"built-in code: Python {platform.python_version()} standard library source", docs)
+    if domain == "chat":
+        docs = [Document(f"chat/{name}#{i}", lambda f=file, i=i: _qa(f, i), chat=True)
+                for name, file in _library() for i in range(_QA_PER_FILE)]
+        docs.sort(key=lambda d: zlib.crc32(d.name.encode()))
+        return Corpus(f"built-in chat: questions on the Python {platform.python_version()} standard library "
+                      "answered by its docstrings, through the model's chat template", docs)
     import pydoc_data.topics as topics
 
     docs = [Document(f"topics/{key}", lambda key=key: topics.topics[key]) for key in sorted(topics.topics)]
@@ -120,6 +150,44 @@ def builtin_corpus() -> Corpus:
     docs.sort(key=lambda d: zlib.crc32(d.name.encode()))
     return Corpus(f"built-in: Python {platform.python_version()} pydoc topics and standard library docstrings",
                   docs)
+
+
+_QA_PER_FILE = 4  # questions drawn from each source file (its first documented functions and classes)
+
+
+def _library() -> list[tuple[str, Path]]:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "turtledemo",
+            "encodings"}
+    return [(file.relative_to(lib).as_posix(), file) for file in sorted(_walk(lib, skip)) if file.suffix == ".py"]
+
+
+def _source(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return ""
+
+
+def _qa(file: Path, index: int) -> str:
+    """The index-th documented function or class of a source file as a question and its answer (the
+    docstring's first paragraph), or "" when the file has fewer."""
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        return ""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 80:
+                found.append((node, doc.split("\n\n")[0].strip()))
+    if index >= len(found):
+        return ""
+    node, answer = found[index]
+    kind = "class" if isinstance(node, ast.ClassDef) else "function"
+    module = file.stem if file.name != "__init__.py" else file.parent.name
+    return f"What does the {kind} `{node.name}` in Python's `{module}` module do?{CHAT_TURN}{answer}"
 
 
 def _walk(root: Path, skip: set[str] = frozenset()) -> Iterator[Path]:

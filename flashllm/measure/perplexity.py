@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from flashllm.bundle.reader import is_bundle
-from flashllm.corpus import builtin_corpus, read_text
+from flashllm.corpus import DOMAINS, builtin_corpus, read_text
 from flashllm.engine.flash_model import FlashModel, FlashSettings
 from flashllm.engine.generate import load_dense
 from flashllm.errors import FlashLLMError
@@ -24,15 +24,23 @@ CALIBRATION_TOKENS = 8_192
 
 
 def load_text_ids(text: str | Path, tokenizer, max_tokens: int | None = None) -> tuple[list[int], str]:
-    """Token ids of a text file, or of the built-in corpus's split (`builtin:heldout`, `builtin:train`)."""
+    """Token ids of a text file, or of a split of the built-in corpus: `builtin:heldout`, `builtin:train`
+    (the docs domain), or `builtin:DOMAIN:SPLIT` for any of corpus.DOMAINS (chat through the model's
+    chat template, where it has one)."""
     encode = lambda s: tokenizer.encode(s, add_bos=False)  # noqa: E731
     name = str(text)
     if name.startswith(BUILTIN_PREFIX):
-        split = name[len(BUILTIN_PREFIX):]
-        if split not in ("heldout", "train"):
-            raise FlashLLMError(f"{name}: unknown built-in split (use builtin:heldout or builtin:train)")
-        corpus = builtin_corpus()
-        return corpus.tokens(split, encode, max_tokens or BUILTIN_TOKENS), f"{corpus.description}, {split} split"
+        fields = name[len(BUILTIN_PREFIX):].split(":")
+        domain, split = fields if len(fields) == 2 else ("docs", fields[0])
+        if split not in ("heldout", "train") or len(fields) > 2 or domain not in DOMAINS:
+            raise FlashLLMError(f"{name}: unknown built-in split (use builtin:heldout, builtin:train or "
+                                f"builtin:DOMAIN:SPLIT with a domain of {', '.join(DOMAINS)})")
+        corpus = builtin_corpus(domain)
+        render = None
+        if getattr(tokenizer, "chat_template", None):
+            render = lambda messages: tokenizer.render_chat(messages, add_generation_prompt=False)  # noqa: E731
+        ids = corpus.tokens(split, encode, max_tokens or BUILTIN_TOKENS, render)
+        return ids, f"{corpus.description}, {split} split"
     ids = encode(read_text(Path(text)))
     return (ids[:max_tokens] if max_tokens else ids), str(text)
 
