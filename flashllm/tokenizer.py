@@ -19,6 +19,8 @@ _QWEN2_SPLIT = (
 SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
           "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+SENTENCEPIECE_ARCHS = ("gemma", "gemma2", "gemma3")  # the SentencePiece vocabularies built the Gemma way
+SPACE, END_OF_TURN = "\u2581", "<end_of_turn>"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -47,46 +49,32 @@ class Tokenizer:
     # -- building ----------------------------------------------------------------------------------
     @classmethod
     def from_gguf(cls, meta: dict) -> "Tokenizer":
-        from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
-        from tokenizers import Tokenizer as Backend
-        from tokenizers.models import BPE
+        from tokenizers import AddedToken
 
-        kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise FlashLLMError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)")
-        tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-                 for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        backend = Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                              end_of_word_suffix="", fuse_unk=False))
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre in SPLITS:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        elif pre == "smollm":  # digits one by one, then GPT-2's split (llama.cpp's `smollm`)
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        kind, arch = meta.get("tokenizer.ggml.model"), meta.get("general.architecture")
+        if kind == "gpt2":
+            backend, vocab, special_ok = _byte_level_bpe(meta)
+        elif kind == "llama" and arch in SENTENCEPIECE_ARCHS:
+            backend, vocab = _gemma_sentencepiece(meta)
+            special_ok = bool  # every control token (none is empty)
         else:
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        backend.decoder = decoders.ByteLevel()
-        special = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
-                   if k == CONTROL and set(t) <= alphabet]
-        backend.add_special_tokens(special)
+            raise FlashLLMError(f"GGUF tokenizer model {kind!r} of {arch!r} is not supported (supported: gpt2 "
+                                f"byte-level BPE, llama SentencePiece of {', '.join(SENTENCEPIECE_ARCHS)})")
+        tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
+                                    if k == CONTROL and special_ok(t)])
         backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
                             if k == USER_DEFINED and t in vocab])
         eos = meta.get("tokenizer.ggml.eos_token_id")
         eos_ids = [int(eos)] if eos is not None else []
         eot = meta.get("tokenizer.ggml.eot_token_id")
+        if eot is None and kind == "llama" and END_OF_TURN in tokens:  # llama.cpp ends a Gemma turn there too
+            eot = tokens.index(END_OF_TURN)
         if eot is not None and int(eot) not in eos_ids:
             eos_ids.append(int(eot))
         bos = meta.get("tokenizer.ggml.bos_token_id")
         return cls(backend, int(bos) if bos is not None else None, eos_ids,
-                   bool(meta.get("tokenizer.ggml.add_bos_token", False)), meta.get("tokenizer.chat_template"))
+                   bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")), meta.get("tokenizer.chat_template"))
 
     @classmethod
     def from_folder(cls, folder: Path, config: dict | None = None) -> "Tokenizer | None":
@@ -178,6 +166,65 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
+
+
+def _byte_level_bpe(meta: dict):
+    """GPT-2 style byte-level BPE: (backend, vocabulary, which control tokens may be added)."""
+    from tokenizers import Regex, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import BPE
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                          end_of_word_suffix="", fuse_unk=False))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre in SPLITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "smollm":  # digits one by one, then GPT-2's split (llama.cpp's `smollm`)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return backend, vocab, lambda token: set(token) <= alphabet  # a control token outside it is a mislabel
+
+
+def _gemma_sentencepiece(meta: dict):
+    """Gemma's SentencePiece as a BPE with byte fallback, spaces written as ▁ and no prefix space, built as
+    transformers builds it from a GGUF: runs of spaces respelled as ▁ runs, and the merges (the file has
+    none) recovered from the vocabulary, ranked by the tokens' order in the file (not their scores)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in meta["tokenizer.ggml.tokens"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    backend = Backend(BPE(vocab=vocab, merges=_merges_by_rank(vocab, {t: -i for i, t in enumerate(tokens)}),
+                          fuse_unk=True, unk_token=tokens[unk] if unk is not None else "<unk>", dropout=None,
+                          byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", SPACE)
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend, vocab
+
+
+def _merges_by_rank(vocab: dict[str, int], rank: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, best ranked token first (ties: longer left, then right
+    piece first), as transformers' generate_merges orders them."""
+    merges = []
+    for token, score in rank.items():
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        merges += [(left, right, score) for left, right in sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]]))]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 def _read_json(path: Path) -> dict:

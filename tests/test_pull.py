@@ -48,9 +48,23 @@ def test_pull_replaces_a_damaged_wheel(monkeypatch, temp_home):
 
 
 def test_known_names():
-    assert {"smollm2-135m", "qwen2.5-coder-1.5b"} <= set(hub.KNOWN_MODELS)
+    assert {"smollm2-135m", "qwen2.5-coder-1.5b", "gemma3-270m"} <= set(hub.KNOWN_MODELS)
     qwen = hub.KNOWN_MODELS["qwen2.5-coder-1.5b"]
     # the pieces are concatenated in package order: part1 .. part22, each holding its own numbered piece
     for i, (package, _, member) in enumerate(qwen.packages, 1):
         assert package.endswith(f"part{i}") and member.endswith(f"part{i:02d}.bin")
     assert len({package for package, _, _ in qwen.packages}) == len(qwen.packages)
+    gemma = hub.KNOWN_MODELS["gemma3-270m"]
+    assert [member.rsplit(".", 1)[1] for _, _, member in gemma.packages] == ["part00", "part01", "part02", "part03"]
+    assert [package[-1] for package, _, _ in gemma.packages] == ["1", "2", "3", "4"]
+
+
+def test_models_lists_gemma3():
+    from typer.testing import CliRunner
+
+    from flashllm.cli import app
+
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    line = next(line for line in result.stdout.splitlines() if line.startswith("gemma3-270m"))
+    assert "253 MB" in line and "not pulled" in line  # the test's own empty FLASHLLM_HOME

@@ -37,6 +37,24 @@ def tiny_opt(folder: Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+def tiny_gemma3(folder: Path, seed: int = 0, **overrides) -> Path:
+    """Three layers, local-global-local, with a sliding window of 4 tokens (shorter than the test prompts)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128,
+           "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+           "query_pre_attn_scalar": 24, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+           "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    cfg.update(overrides)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**cfg))
+    _randomize(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def _randomize(model):
     """Random init leaves biases and norms at 0/1; perturb them so the test checks their use."""
     with torch.no_grad():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from flashllm.errors import FlashLLMError
-from flashllm.models import llama, opt
+from flashllm.models import gemma3, llama, opt
 from flashllm.models.base import DTYPES, Family, Transformer, parse_dtype
 
-FAMILIES = {"llama": llama.FAMILY, "opt": opt.FAMILY}
+FAMILIES = {"llama": llama.FAMILY, "opt": opt.FAMILY, "gemma3": gemma3.FAMILY}
 # model_type / general.architecture -> family
-ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
+ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt", "gemma3": "gemma3",
+           "gemma3_text": "gemma3"}
 
 
 def get_family(model_type: str) -> Family:

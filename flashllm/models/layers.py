@@ -28,8 +28,9 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
-           start: int, scale: float | None = None) -> torch.Tensor:
-    """Store k, v at positions start.. and attend q causally to everything cached so far.
+           start: int, scale: float | None = None, window: int | None = None) -> torch.Tensor:
+    """Store k, v at positions start.. and attend q causally to everything cached so far (with a
+    `window`, only to the last `window` positions up to each query's own, as sliding-window layers do).
 
     q: [H, T, hd], k/v: [kvH, T, hd] -> [T, H*hd]
     """
@@ -39,16 +40,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
         raise ValueError(f"context of {end} tokens exceeds the cache of {cache.max_tokens}")
     cache.k[layer, :, start:end] = k
     cache.v[layer, :, start:end] = v
-    keys = cache.k[layer, :, :end]  # [kvH, S, hd]
-    values = cache.v[layer, :, :end]
+    first = max(0, start - window + 1) if window else 0  # the earliest position any query here sees
+    keys = cache.k[layer, :, first:end]  # [kvH, S, hd]
+    values = cache.v[layer, :, first:end]
     groups = n_q_heads // keys.shape[0]
     if groups > 1:
         keys = keys.repeat_interleave(groups, dim=0)  # [H, S, hd]
         values = values.repeat_interleave(groups, dim=0)
     mask = None
     if T > 1:
-        rows = torch.arange(start, end).unsqueeze(1)
-        mask = torch.arange(end).unsqueeze(0) <= rows  # [T, S]
+        rows, cols = torch.arange(start, end).unsqueeze(1), torch.arange(first, end).unsqueeze(0)
+        mask = cols <= rows  # [T, S]
+        if window:
+            mask &= cols > rows - window
     out = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                          attn_mask=mask, scale=scale)  # [1, H, T, hd]
     return out[0].transpose(0, 1).reshape(T, n_q_heads * head_dim)
