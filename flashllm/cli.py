@@ -344,7 +344,7 @@ def bench(
 def train_predictor(
     ctx: typer.Context,
     bundle: Path = typer.Argument(..., help="A bundle folder (from `flashllm convert`)."),
-    corpus: Optional[str] = typer.Option(None, help="Text file or folder (default: built-in stdlib docs, held-out split kept apart)."),
+    corpus: Optional[str] = typer.Option(None, help="Text file or folder, or builtin:DOMAIN (docs, code, chat) or builtin:all (default: built-in docs; held-out split kept apart)."),
     tokens: int = typer.Option(24_576, min=64, help="Training tokens."),
     eval_tokens: int = typer.Option(8_192, min=0, help="Held-out tokens for the quality report (0: skip)."),
     kind: Optional[str] = typer.Option(None, help="int4 (the layer's gate/up in 4 bits; default for gated FFNs) or lowrank (trained; default for ReLU)."),

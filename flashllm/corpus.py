@@ -78,9 +78,15 @@ class Corpus:
 
 
 def load_corpus(path: str | Path | None = None) -> Corpus:
-    """The built-in corpus (None or "builtin"), a text file, or a folder of text files."""
+    """The built-in corpus (None or "builtin": its docs domain; "builtin:DOMAIN" one domain, "builtin:all" every
+    domain interleaved), a text file, or a folder of text files."""
     if path is None or str(path) == BUILTIN:
         return builtin_corpus()
+    if str(path).startswith(BUILTIN + ":"):
+        domain = str(path)[len(BUILTIN) + 1:]
+        if domain == "all":
+            return mixed_corpus()
+        return builtin_corpus(domain)
     path = Path(path).expanduser()
     if not path.exists():
         raise FlashLLMError(f"{path}: no such file or folder")
@@ -150,6 +156,13 @@ def builtin_corpus(domain: str = "docs") -> Corpus:
     docs.sort(key=lambda d: zlib.crc32(d.name.encode()))
     return Corpus(f"built-in: Python {platform.python_version()} pydoc topics and standard library docstrings",
                   docs)
+
+
+def mixed_corpus() -> Corpus:
+    """Every domain of the built-in corpus, their documents interleaved by hash (each keeps its split)."""
+    parts = [builtin_corpus(domain) for domain in DOMAINS]
+    docs = sorted((d for part in parts for d in part.documents), key=lambda d: zlib.crc32(b"mix:" + d.name.encode()))
+    return Corpus("built-in, every domain: " + "; ".join(part.description for part in parts), docs)
 
 
 _QA_PER_FILE = 4  # questions drawn from each source file (its first documented functions and classes)

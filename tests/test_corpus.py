@@ -52,3 +52,20 @@ def test_perplexity_reads_a_domain_split():
     for bad in ("builtin:poetry:heldout", "builtin:code:test", "builtin:code:heldout:x"):
         with pytest.raises(FlashLLMError, match="unknown built-in split"):
             load_text_ids(bad, Template())
+
+
+def test_the_mixed_corpus_holds_every_domain_with_its_own_split():
+    from flashllm.corpus import load_corpus
+
+    mixed = load_corpus("builtin:all")
+    names = [d.name for d in mixed.documents]
+    assert {n.split("/")[0] for n in names} >= {"code", "chat", "topics", "lib"}
+    assert len(names) == sum(len(builtin_corpus(d).documents) for d in DOMAINS)
+    held = {d.name for d in mixed.documents if d.split == "heldout"}
+    for domain in DOMAINS:  # a document is held out in the mix exactly when it is in its own domain
+        assert {d.name for d in builtin_corpus(domain).documents if d.split == "heldout"} <= held
+    assert [d.name for d in load_corpus("builtin:code").documents] == [d.name for d in builtin_corpus("code").documents]
+    with pytest.raises(FlashLLMError, match="unknown built-in domain"):
+        load_corpus("builtin:poetry")
+    texts = mixed.texts("train", Template().render_chat)
+    assert any(t.startswith("<user>") for t, _ in zip(texts, range(200)))  # chat turns rendered in the mix

@@ -247,8 +247,9 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
         raise FlashLLMError(f"{b.folder}: the bundle has no tokenizer.json")
     text = load_corpus(corpus)
     encode = lambda s: tokenizer.encode(s, add_bos=False)  # noqa: E731
-    train_ids = text.tokens("train", encode, tokens)
-    heldout_ids = text.tokens("heldout", encode, eval_tokens) if eval_tokens > 0 else []
+    render = (lambda m: tokenizer.render_chat(m, add_generation_prompt=False)) if tokenizer.chat_template else None
+    train_ids = text.tokens("train", encode, tokens, render)  # chat documents through the model's template
+    heldout_ids = text.tokens("heldout", encode, eval_tokens, render) if eval_tokens > 0 else []
     minimum = 64
     if len(train_ids) < minimum:
         raise FlashLLMError(f"the corpus has only {len(train_ids)} training tokens; at least {minimum} are needed")
