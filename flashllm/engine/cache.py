@@ -18,7 +18,6 @@ rows, flashllm.models.packed): the swap-delete moves their rows too, and their b
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 POLICIES = ("lru", "window", "pinned", "static")
 NEVER = np.iinfo(np.int64).min // 2
@@ -116,7 +115,7 @@ class NeuronCache:
         if len(holes):
             self.matrix[holes] = self.matrix[movers]
             for companion in self.companions:
-                companion.move(torch.from_numpy(holes), torch.from_numpy(movers))
+                companion.move(holes, movers)
             self.pointer[holes] = self.pointer[movers]
             self.last_used[holes] = self.last_used[movers]
             self.slot_of[self.pointer[holes]] = holes

@@ -67,8 +67,8 @@ class FlashFFN:
         self.estimate_gate_up = estimate_gate_up
         record = max(layout.record_bytes for layout in layouts)
         # records streamed past the cache: two buffers, one read (by the prefetch thread) while the other computes
+        # (the first also carries records bound for a kernel-form cache)
         self.scratches = (np.zeros((SCRATCH_ROWS, record), dtype=np.uint8), np.zeros((SCRATCH_ROWS, record), dtype=np.uint8))
-        self.scratch = self.scratches[0]  # also where records bound for a kernel-form cache pass through
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashllm-prefetch")
         # quantized records: the needed cache rows are gathered a block at a time into one buffer, and
         # expanded into the shared workspace (both made once: see work_bytes_for)
@@ -173,9 +173,7 @@ class FlashFFN:
             if len(following):
                 pending = self._prefetch.submit(self._read, layer, following, self.scratches[(i + 1) % 2][:len(following)])
             if kernel:  # through the scratch stores: the same numbers as cached rows
-                parts = layout.split(torch.from_numpy(rows[:len(ids), :layout.record_bytes]))
-                for store, part in zip(self.stream_stores, ("gate", "up")):
-                    store.write(0, parts[part])
+                self._write_stores(layer, self.stream_stores, 0, rows[:len(ids)])
                 y += self._compute_packed(layer, x, mask, self.stream_stores, ids, rows, layout.column("down").start)
             else:
                 y += self._compute(layer, x, mask, rows[:len(ids)], ids)
@@ -185,21 +183,26 @@ class FlashFFN:
     def _admit_packed(self, layer: int, ids: np.ndarray) -> None:
         """Read these records through the scratch rows into the next free slots: gate/up into the kernel
         stores, the down column into the cache rows (I/O, then memory management)."""
-        cache, layout, (gate, up) = self.caches[layer], self.layouts[layer], self.packed[layer]
+        cache, layout = self.caches[layer], self.layouts[layer]
         down = layout.column("down")
         for start in range(0, len(ids), SCRATCH_ROWS):
             chunk = ids[start:start + SCRATCH_ROWS]
-            rows = self.scratch[:len(chunk)]
+            rows = self.scratches[0][:len(chunk)]
             t0 = time.perf_counter()
             self._read(layer, chunk, rows)
             t1 = time.perf_counter()
             self.times.io += t1 - t0
-            parts = layout.split(torch.from_numpy(rows[:, :layout.record_bytes]))
-            gate.write(cache.num_used, parts["gate"])
-            up.write(cache.num_used, parts["up"])
+            self._write_stores(layer, self.packed[layer], cache.num_used, rows)
             cache.free_rows(len(chunk))[:] = rows[:, down.start:down.stop]
             cache.commit(chunk)
             self.times.memory += time.perf_counter() - t1
+
+    def _write_stores(self, layer: int, stores: tuple[PackedInt4, PackedInt4], slot: int, rows: np.ndarray) -> None:
+        """The gate/up rows of these records into (gate, up) stores, from `slot` on."""
+        layout = self.layouts[layer]
+        parts = layout.split(torch.from_numpy(rows[:, :layout.record_bytes]))
+        stores[0].write(slot, parts["gate"])
+        stores[1].write(slot, parts["up"])
 
     def _compute_packed(self, layer: int, x: torch.Tensor, mask: torch.Tensor, stores: tuple[PackedInt4, PackedInt4],
                         ids: np.ndarray, rows: np.ndarray, down_start: int) -> torch.Tensor:

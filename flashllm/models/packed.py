@@ -19,18 +19,11 @@ import functools
 import numpy as np
 import torch
 
-from flashllm.models.qrows import GROUP, QRows
+from flashllm.models.qrows import GROUP, QRows, unpack_int4
 from flashllm.models.quant import kernel_available
 
 PAD_ROWS = 64  # slots are allocated in multiples of this (the kernel wants N % 16 == 0; 64 covers any B seen)
 _SCATTER_ROWS = 64  # rows per chunk of a scattered write: its index temporaries stay under 1 MB
-
-
-def _pack_block(values: torch.Tensor, block: int) -> torch.Tensor:
-    """[n, k] codes (n a multiple of `block`) -> [n / block, k, block / 2] bytes of the kernel layout."""
-    n, k = values.shape
-    halves = values.view(n // block, 2, block // 2, k).transpose(2, 3)  # [blocks, 2, k, B/2]
-    return halves[:, 0] | (halves[:, 1] << 4)
 
 
 def _pack_nibbles(codes: np.ndarray, block: int, out: np.ndarray) -> None:
@@ -44,13 +37,6 @@ def _pack_nibbles(codes: np.ndarray, block: int, out: np.ndarray) -> None:
     np.bitwise_or(low >> 4, high & 0xF0, out=pairs[:, :, 1])
 
 
-def _unpack(codes: np.ndarray) -> np.ndarray:
-    values = np.empty((codes.shape[0], codes.shape[1] * 2), dtype=np.uint8)
-    values[:, 0::2] = codes & 0x0F
-    values[:, 1::2] = codes >> 4
-    return values
-
-
 @functools.cache
 def block_rows() -> int | None:
     """The kernel's row block B on this machine, or None when its layout is not the one written here."""
@@ -58,9 +44,12 @@ def block_rows() -> int | None:
         return None
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(torch.uint8).reshape(-1)
-    for block in (32, 64):
-        if torch.equal(_pack_block(codes.to(torch.uint8), block).reshape(-1), packed):
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).view(torch.uint8).reshape(-1).numpy()
+    plain = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).numpy()  # our plain-nibble rows
+    for block in (32, 64):  # the very function that writes the stores, against torch's converter
+        ours = np.empty((128 // block, 64, block // 2), dtype=np.uint8)
+        _pack_nibbles(plain, block, ours)
+        if np.array_equal(ours.reshape(-1), packed):
             return block
     return None
 
@@ -119,20 +108,19 @@ class PackedInt4:
             _pack_nibbles(codes[first:first + whole], B, self.codes.numpy()[b:b + whole // B])
         edges = np.r_[0:first, first + whole:n]
         if len(edges):
-            self._scatter(edges + start, _unpack(codes[edges]))
+            self._scatter(edges + start, unpack_int4(q.codes[torch.from_numpy(edges)]).numpy())
         scale, low = q.scales.float(), q.mins.float()  # [n, G]
         self.scales_zeros[:, start:start + n, 0] = scale.T
         self.scales_zeros[:, start:start + n, 1] = (low + 8 * scale).T
 
-    def move(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def move(self, dst: np.ndarray, src: np.ndarray) -> None:
         """Copy the rows in slots `src` to slots `dst` (the cache's swap-delete)."""
         if len(dst) == 0:
             return
-        dst_np, src_np = dst.numpy(), src.numpy()
         for i in range(0, len(dst), _SCATTER_ROWS):
-            index, shift = self._index(src_np[i:i + _SCATTER_ROWS])
-            self._scatter(dst_np[i:i + _SCATTER_ROWS], (self._flat[index] >> shift) & 0x0F)
-        self.scales_zeros[:, dst] = self.scales_zeros[:, src]
+            index, shift = self._index(src[i:i + _SCATTER_ROWS])
+            self._scatter(dst[i:i + _SCATTER_ROWS], (self._flat[index] >> shift) & 0x0F)
+        self.scales_zeros[:, torch.from_numpy(dst)] = self.scales_zeros[:, torch.from_numpy(src)]
 
     def matmul(self, x: torch.Tensor, used: int) -> torch.Tensor:
         """x [T, k] -> x @ W.T [T, used] float32 over the first `used` slots (computed in bfloat16)."""
