@@ -10,6 +10,7 @@ when the CRC-32 of its name says so, so the split is stable when documents are a
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import platform
 import sysconfig
@@ -185,22 +186,30 @@ def _source(file: Path) -> str:
 def _qa(file: Path, index: int) -> str:
     """The index-th documented function or class of a source file as a question and its answer (the
     docstring's first paragraph), or "" when the file has fewer."""
+    questions = _questions(file)
+    return questions[index] if index < len(questions) else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _questions(file: Path) -> tuple[str, ...]:
+    """A source file's first _QA_PER_FILE questions, parsed once for all of its chat documents (a few
+    hundred bytes each)."""
     try:
         tree = ast.parse(file.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-        return ""
+        return ()
+    module = file.stem if file.name != "__init__.py" else file.parent.name
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and not node.name.startswith("_"):
             doc = ast.get_docstring(node)
             if doc and len(doc) > 80:
-                found.append((node, doc.split("\n\n")[0].strip()))
-    if index >= len(found):
-        return ""
-    node, answer = found[index]
-    kind = "class" if isinstance(node, ast.ClassDef) else "function"
-    module = file.stem if file.name != "__init__.py" else file.parent.name
-    return f"What does the {kind} `{node.name}` in Python's `{module}` module do?{CHAT_TURN}{answer}"
+                kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                found.append(f"What does the {kind} `{node.name}` in Python's `{module}` module do?"
+                             f"{CHAT_TURN}{doc.split(chr(10) * 2)[0].strip()}")
+                if len(found) == _QA_PER_FILE:
+                    break
+    return tuple(found)
 
 
 def _walk(root: Path, skip: set[str] = frozenset()) -> Iterator[Path]:
