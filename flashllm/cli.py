@@ -344,33 +344,40 @@ def bench(
 def train_predictor(
     ctx: typer.Context,
     bundle: Path = typer.Argument(..., help="A bundle folder (from `flashllm convert`)."),
-    corpus: Optional[str] = typer.Option(None, help="Text file or folder, or builtin:DOMAIN (docs, code, chat) or builtin:all (default: built-in docs; held-out split kept apart)."),
-    tokens: int = typer.Option(24_576, min=64, help="Training tokens."),
-    eval_tokens: int = typer.Option(8_192, min=0, help="Held-out tokens for the quality report (0: skip)."),
+    corpus: Optional[str] = typer.Option(None, help="Text file or folder, or builtin:DOMAIN (docs, code, chat) or builtin:all (the default: every domain, each domain's held-out split scored apart)."),
+    tokens: Optional[int] = typer.Option(None, min=64, help="Training tokens (default 8,192 for int4, 24,576 for lowrank)."),
+    eval_tokens: int = typer.Option(3_072, min=0, help="Held-out tokens, shared by the domains, on which each candidate sparsity is scored (0: skip; needs --sparsity)."),
+    max_quality_loss: Optional[float] = typer.Option(None, "--max-quality-loss", help="Quality target (the default, 1.0): the sparsest allocation whose perplexity is within this percent of dense on every held-out domain. 0 keeps the model dense."),
+    min_agreement: float = typer.Option(0.95, "--min-agreement", help="With the quality target: top-1 agreement with dense required on every held-out domain."),
+    allocation: str = typer.Option("greedy", help="greedy (each layer's sparsity where it costs least) or uniform (the same in every layer)."),
+    compare_uniform: bool = typer.Option(False, "--compare-uniform", help="Also score uniform allocations at the same mean sparsities (reported, not chosen)."),
     kind: Optional[str] = typer.Option(None, help="int4 (the layer's gate/up in 4 bits; default for gated FFNs) or lowrank (trained; default for ReLU)."),
     group: Optional[int] = typer.Option(None, help="int4: values per scale and zero, 32 (default), 64 or 128: larger groups cost less DRAM and predict less sharply."),
     rank: Optional[int] = typer.Option(None, min=1, help="Low-rank predictor rank (default d/8, within 32..128, below d)."),
     last_rank: Optional[int] = typer.Option(None, min=1, help="Rank of the last 4 layers (default 2x rank)."),
-    sparsity: Optional[float] = typer.Option(None, help="Target sparsity S of gated FFNs (default 0.5)."),
+    sparsity: Optional[float] = typer.Option(None, help="A fixed mean sparsity instead of the quality target (spread over the layers by --allocation)."),
     recall: float = typer.Option(0.99, help="Target recall of the per-layer decision thresholds."),
     epochs: int = typer.Option(3, min=1, help="Training epochs per layer."),
     context: int = typer.Option(512, min=8, help="Tokens per training sequence."),
-    seed: int = typer.Option(0, help="Seed for initialization and batch order."),
+    seed: int = typer.Option(0, help="Seed for initialization, sampling and batch order."),
+    dram_budget: Optional[str] = typer.Option(None, "--dram-budget", "-b", help="Calibrate within this much DRAM (bytes, 800MiB, or 50% of the bundle), beyond the process's fixed overhead; refused when the plan needs more."),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
 ):
-    """Calibrate activation thresholds and build the per-layer activation predictors (4-bit gate/up or low-rank)."""
+    """Calibrate activation thresholds, choose each layer's sparsity for a quality target, and build the per-layer activation predictors (4-bit gate/up or low-rank)."""
     with user_errors():
         p, _ = _with_config(ctx, config, "train", flash=False)
-        corpus, tokens, eval_tokens, kind, group, rank, last_rank, sparsity, recall, epochs, context, seed = (p[k] for k in ("corpus", "tokens", "eval_tokens", "kind", "group", "rank", "last_rank", "sparsity", "recall", "epochs", "context", "seed",))
+        names = ("corpus", "tokens", "eval_tokens", "kind", "group", "rank", "last_rank", "sparsity", "recall", "epochs",
+                 "context", "seed", "max_quality_loss", "min_agreement", "allocation", "compare_uniform", "dram_budget")
+        args = {k: p[k] for k in names}
         from flashllm.measure.inputs import check_context
         from flashllm.sparsity.train import DEFAULT_CONTEXT, train_predictors
 
-        context = check_context(bundle, context, bundle_only=True, default=DEFAULT_CONTEXT)
+        args["context"] = check_context(bundle, args["context"], bundle_only=True, default=DEFAULT_CONTEXT)
         with _progress("training") as bar:
-            result = train_predictors(bundle, corpus, tokens=tokens, rank=rank, last_rank=last_rank,
-                                      sparsity=sparsity, recall=recall, context=context, eval_tokens=eval_tokens,
-                                      epochs=epochs, seed=seed, progress=bar, kind=kind, group=group)
+            result = train_predictors(bundle, progress=bar, **args)
         console.print(render.predictor_table(result.report))
+        console.print(render.selection_table(result.report))
+        console.print(render.calibration_memory(result.report), highlight=False)
         console.print(f"predictors written into {result.folder} in {result.seconds:.0f} s", highlight=False)
 
 

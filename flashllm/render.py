@@ -57,21 +57,56 @@ def predictor_table(report: dict) -> Table:
     o = report["overall"]
     table = Table(title=f"predictors: {o['predictor_bytes'] / 1e6:.1f} MB ({o['predictor_percent_of_model']:.1f}% of the "
                   f"model), built in {o['train_seconds']:.0f} s", title_justify="left")
-    for column in ("layer", "rank", "true active", "predicted", "recall", "precision", "pinned", "train s"):
+    for column in ("layer", "rank", "sparsity", "true active", "predicted", "recall", "precision", "pinned", "train s"):
         table.add_column(column, justify="right")
     for r in report["layers"]:
-        table.add_row(str(r["layer"]), str(r["rank"] or "int4"), f"{100 * r['true_active']:.1f}%",
-                      f"{100 * r['predicted_active']:.1f}%", f"{r['recall']:.3f}", f"{r['precision']:.3f}",
-                      str(r.get("pinned", 0)), f"{r['train_seconds']:.1f}")
-    table.add_row("all", "", f"{100 * o['true_active']:.1f}%", f"{100 * o['predicted_active']:.1f}%",
-                  f"{o['recall']:.3f}", f"{o['precision']:.3f}", "", f"{o['train_seconds']:.0f}", style="bold")
+        table.add_row(str(r["layer"]), str(r["rank"] or "int4"), f"{r.get('sparsity', 0):.2f}",
+                      f"{100 * r['true_active']:.1f}%", f"{100 * r['predicted_active']:.1f}%", f"{r['recall']:.3f}",
+                      f"{r['precision']:.3f}", str(r.get("pinned", 0)), f"{r['train_seconds']:.1f}")
+    table.add_row("all", "", f"{o.get('sparsity', 1 - o['true_active']):.2f}", f"{100 * o['true_active']:.1f}%",
+                  f"{100 * o['predicted_active']:.1f}%", f"{o['recall']:.3f}", f"{o['precision']:.3f}", "",
+                  f"{o['train_seconds']:.0f}", style="bold")
     quality = report.get("quality")
     if quality:
         dense = quality["dense"]["perplexity"]
-        table.caption = "held-out: " + ", ".join(
+        table.caption = "held-out, every domain: " + ", ".join(
             f"{mode} ppl {q['perplexity']:.3f} ({100 * (q['perplexity'] / dense - 1):+.1f}%, top-1 {q['top1_agreement']:.3f})"
-            for mode, q in quality.items())
+            for mode, q in quality.items() if mode != "domains")
     return table
+
+
+def selection_table(report: dict) -> Table:
+    """Each candidate allocation per held-out domain: perplexity over dense, top-1 agreement, sparsity reached."""
+    sel = report.get("selection") or {}
+    target = sel.get("max_quality_loss")
+    title = (f"sparsity chosen for perplexity within {target:g}% of dense and top-1 >= {sel['min_agreement']:g} on every "
+             f"domain: {sel.get('chosen')}" if target is not None else f"sparsity asked: {sel.get('chosen')}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("candidate")
+    table.add_column("mean sparsity", justify="right")
+    domains = sel.get("domains", [])
+    for d in domains:
+        table.add_column(f"{d}: ppl, top-1, sparsity", justify="right")
+    table.add_column("within target", justify="right")
+    if domains:
+        table.add_row("dense", "0.00", *(f"{sel['dense'][d]:.3f}" for d in domains), "")
+    for c in sel.get("candidates", []):
+        cells = [f"{v['loss_percent']:+.2f}%, {v['top1_agreement']:.3f}, {v['sparsity_reached']:.2f}"
+                 for v in (c["domains"][d] for d in domains)]
+        passed = "" if c["passed"] is None else ("yes" if c["passed"] else "no")
+        table.add_row(c["name"], f"{c['sparsity']:.2f}", *cells, passed,
+                      style="bold" if c["name"] == sel.get("chosen") else None)
+    return table
+
+
+def calibration_memory(report: dict) -> str:
+    m = report.get("memory") or {}
+    if not m:
+        return ""
+    budget = m.get("budget_bytes")
+    limit = f" / budget + overhead {(budget + m['overhead_bytes']) / 1e6:.0f} MB" if budget is not None else ""
+    return (f"calibration memory: peak RSS {m['peak_rss_bytes'] / 1e6:.0f} MB{limit} (planned {m['planned_bytes'] / 1e6:.0f} MB, "
+            f"overhead {m['overhead_bytes'] / 1e6:.0f} MB)")
 
 
 def describe(s: dict) -> str:

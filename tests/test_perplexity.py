@@ -103,7 +103,7 @@ def test_budgeted_engine_matches_the_reference_semantics(tmp_path, text_file):
     from flashllm.sparsity.train import train_predictors
 
     bundle = tiny_bundle(tmp_path)
-    train_predictors(bundle, tokens=1000, eval_tokens=0, context=64, epochs=1)
+    train_predictors(bundle, tokens=1000, eval_tokens=0, context=64, epochs=1, sparsity=0.5)
     for mode in ("oracle", "predictor"):
         reference = perplexity(bundle, text_file, mode=mode, context=32)[mode]
         budgeted = perplexity(bundle, text_file, mode=mode, context=32, dram_budget="200MB")[mode]

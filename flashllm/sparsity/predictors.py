@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from flashllm.errors import FlashLLMError
 from flashllm.models.ffn import FFNSpec, activate
@@ -185,38 +184,93 @@ class Predictors:
     def save(self, folder: Path) -> None:
         """predictors.safetensors (float16) and predictors.json, each written to a temporary name and
         renamed, weights first, so a reader never sees settings without their weights."""
-        folder = Path(folder)
-        tensors = {}
-        for i, p in enumerate(self.layers):
-            if isinstance(p, Int4Predictor):
-                tensors[f"layers.{i}.predictor.codes"] = p.matrix.codes
-                tensors[f"layers.{i}.predictor.scales_zeros"] = p.matrix.scales_zeros
-                if p.bias is not None:
-                    tensors[f"layers.{i}.predictor.bias"] = p.bias.float().contiguous()
-                continue
-            tensors[f"layers.{i}.predictor.in.weight"] = p.w_in.to(torch.float16).contiguous()
-            tensors[f"layers.{i}.predictor.out.weight"] = p.w_out.to(torch.float16).contiguous()
-            tensors[f"layers.{i}.predictor.out.bias"] = p.b_out.to(torch.float16).contiguous()
-        settings = dict(self.settings, format=FORMAT, format_version=FORMAT_VERSION, kind=self.kind,
-                        ranks=self.ranks, decision_thresholds=self.decision_thresholds)
-        suffix = f".tmp-{os.getpid()}"
+        with PredictorWriter(folder) as writer:
+            for i, p in enumerate(self.layers):
+                writer.add(i, p)
+            writer.finish(dict(self.settings, kind=self.kind, ranks=self.ranks,
+                               decision_thresholds=self.decision_thresholds))
+
+
+def layer_tensors(i: int, p: LayerPredictor | Int4Predictor) -> dict[str, torch.Tensor]:
+    """What predictors.safetensors stores for layer i's predictor."""
+    prefix = f"layers.{i}.predictor."
+    if isinstance(p, Int4Predictor):
+        out = {prefix + "codes": p.matrix.codes, prefix + "scales_zeros": p.matrix.scales_zeros}
+        if p.bias is not None:
+            out[prefix + "bias"] = p.bias.float().contiguous()
+        return out
+    return {prefix + "in.weight": p.w_in.to(torch.float16).contiguous(),
+            prefix + "out.weight": p.w_out.to(torch.float16).contiguous(),
+            prefix + "out.bias": p.b_out.to(torch.float16).contiguous()}
+
+
+_SAFETENSORS_NAMES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+class PredictorWriter:
+    """Writes predictors layer by layer, so no more than one layer's predictor need be in memory:
+    each layer's tensors go to a temporary data file as they come; `finish` writes the safetensors
+    header, copies the data behind it and renames it into place, then writes predictors.json the
+    same way (weights first: a reader never sees settings without their weights). Leaving the
+    `with` block without `finish` removes the temporaries."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.suffix = f".tmp-{os.getpid()}"
+        self.data_path = self.folder / (WEIGHTS_FILE + self.suffix + ".data")
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+        self.ranks: list[int] = []
         try:
-            weights = folder / (WEIGHTS_FILE + suffix)
-            save_file(tensors, str(weights), metadata={"format": FORMAT})
+            self.data = open(self.data_path, "wb")
+        except OSError as e:
+            raise FlashLLMError(f"writing predictors into {self.folder} failed: {e.strerror or e}") from None
+
+    def __enter__(self) -> PredictorWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.data.close()
+        for name in (WEIGHTS_FILE + self.suffix + ".data", WEIGHTS_FILE + self.suffix, SETTINGS_FILE + self.suffix):
+            (self.folder / name).unlink(missing_ok=True)
+
+    def add(self, i: int, p: LayerPredictor | Int4Predictor) -> None:
+        if i != len(self.ranks):
+            raise ValueError(f"layer {i} written out of order")
+        self.ranks.append(p.rank)
+        try:
+            for name, t in layer_tensors(i, p).items():
+                blob = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                self.entries[name] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                                      "data_offsets": [self.offset, self.offset + len(blob)]}
+                self.data.write(blob)
+                self.offset += len(blob)
+        except OSError as e:
+            raise FlashLLMError(f"writing predictors into {self.folder} failed: {e.strerror or e}") from None
+
+    def finish(self, settings: dict) -> None:
+        settings = dict(settings, format=FORMAT, format_version=FORMAT_VERSION, ranks=self.ranks)
+        weights = self.folder / (WEIGHTS_FILE + self.suffix)
+        try:
+            self.data.close()
+            header = json.dumps({"__metadata__": {"format": FORMAT}, **self.entries}, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)
+            with open(weights, "wb") as out, open(self.data_path, "rb") as data:
+                out.write(len(header).to_bytes(8, "little") + header)
+                while chunk := data.read(1 << 20):
+                    out.write(chunk)
             settings["weights_file"] = {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size,
                                         "sha256": hash_files([weights])}  # for `flashllm verify`
-            (folder / (SETTINGS_FILE + suffix)).write_text(json.dumps(settings, indent=1))
+            (self.folder / (SETTINGS_FILE + self.suffix)).write_text(json.dumps(settings, indent=1))
             umask = os.umask(0)
             os.umask(umask)
             for name in (WEIGHTS_FILE, SETTINGS_FILE):
-                with open(folder / (name + suffix), "rb") as f:
+                with open(self.folder / (name + self.suffix), "rb") as f:
                     os.fsync(f.fileno())
-                os.chmod(folder / (name + suffix), 0o666 & ~umask)
-                os.replace(folder / (name + suffix), folder / name)
+                os.chmod(self.folder / (name + self.suffix), 0o666 & ~umask)
+                os.replace(self.folder / (name + self.suffix), self.folder / name)
         except OSError as e:
-            for name in (WEIGHTS_FILE, SETTINGS_FILE):
-                (folder / (name + suffix)).unlink(missing_ok=True)
-            raise FlashLLMError(f"writing predictors into {folder} failed: {e.strerror or e}") from None
+            raise FlashLLMError(f"writing predictors into {self.folder} failed: {e.strerror or e}") from None
 
 
 def read_settings(folder: Path) -> dict | None:

@@ -1,6 +1,7 @@
-"""`train-predictor`: calibrate thresholds, fit one predictor per layer, measure them on held-out text,
-and save them into the bundle. The model runs layer by layer over the corpus, so only one layer's FFN
-weights, inputs and active sets are in memory at a time."""
+"""`train-predictor`: calibrate thresholds, build one predictor per layer, choose each layer's sparsity
+for a quality target, measure it on held-out text of every domain, and save the predictors into the
+bundle. The model runs layer by layer over the corpus (sparsity/calibrate.py), so only one layer's FFN
+weights, predictor, inputs and active sets are in memory at a time."""
 
 from __future__ import annotations
 
@@ -15,24 +16,28 @@ import torch.nn.functional as F
 from flashllm.bundle.reader import Bundle, is_bundle
 from flashllm.corpus import load_corpus
 from flashllm.errors import FlashLLMError
-from flashllm.models.ffn import FFNSpec, active_mask
-from flashllm.models.qrows import GROUP, QRows
+from flashllm.models.ffn import FFNSpec
 from flashllm.models.quant import GROUP_SIZES
-from flashllm.sparsity.predictors import FORMAT, FORMAT_VERSION, KINDS, Int4Predictor, LayerPredictor, Predictors
-from flashllm.sparsity.quality import evaluate
-from flashllm.sparsity.thresholds import (THRESHOLD_GRID, THRESHOLD_SAMPLE, WINDOW_K, Progress, abs_sample,
-                                          model_coefficients, sparsity_threshold, window_distinct)
+from flashllm.sparsity import calibrate
+from flashllm.sparsity.predictors import (FORMAT, FORMAT_VERSION, KINDS, LayerPredictor, PredictorWriter, Predictors,
+                                          load_predictors)
+from flashllm.sparsity.thresholds import THRESHOLD_GRID, WINDOW_K, Progress, window_distinct
 from flashllm.tokenizer import Tokenizer
 
-DEFAULT_SPARSITY = 0.5
+DEFAULT_SPARSITY = 0.5  # of --kind lowrank on a gated FFN (trained against one threshold per layer)
+DEFAULT_QUALITY_LOSS = 1.0  # percent perplexity over dense on every held-out domain: the default target
+DEFAULT_MIN_AGREEMENT = 0.95  # top-1 agreement with dense on every held-out domain
+DEFAULT_CORPUS = "builtin:all"  # docs, code and chat interleaved; held-out splits scored per domain
+ALLOCATIONS = ("greedy", "uniform")
 DEFAULT_RECALL = 0.99
-DEFAULT_TOKENS = 24_576
-DEFAULT_EVAL_TOKENS = 8_192
+DEFAULT_TOKENS = 8_192  # int4: the quantiles and cuts need no more
+DEFAULT_LOWRANK_TOKENS = 24_576  # a trained predictor does
+MIN_TRAIN_TOKENS = 64
+DEFAULT_EVAL_TOKENS = 3_072  # shared by the held-out domains
 DEFAULT_CONTEXT = 512
 DEFAULT_EPOCHS = 3
 LAST_LAYERS = 4  # the paper gives the last layers a larger rank
 VALIDATION_SHARE = 0.1  # of the training tokens, for the decision thresholds
-MIN_EVAL_TOKENS = 16
 RECALL_GRID = [0.8, 0.9, 0.95, 0.98, 0.99, 0.995]  # decision cuts stored for each, chosen at run time
 MAGNITUDE_CLIP = 10.0  # a positive weighs at most this many times more in the loss
 PIN_FACTOR = 50.0  # a neuron is pinned when the predictor misses a coefficient 50x the median active one
@@ -118,33 +123,6 @@ def _decision_cuts(val_logits: torch.Tensor, y_val: torch.Tensor, recall: float)
     return threshold, table, val_recall
 
 
-def int4_layer(spec: FFNSpec, ffn: dict[str, torch.Tensor], x_val: torch.Tensor, y_val: torch.Tensor,
-               recall: float = DEFAULT_RECALL, group: int | None = None,
-               own: tuple[QRows, QRows] | None = None) -> LayerFit:
-    """The layer's gate/up in 4 bits as its predictor; only the decision cuts are tuned (on x_val).
-    `own`: the layer's gate/up rows already in int4 (an int4 bundle): used as they are."""
-    start = time.perf_counter()
-    predictor = Int4Predictor.from_qrows(spec, *own) if own else Int4Predictor.from_ffn(spec, ffn, group)
-    predictor.matrix.prepare(keep=True)  # the kernel's form for speed, the storage form for saving
-    rate = float(y_val.float().mean()) if y_val.numel() else 1.0
-    if rate >= ALWAYS_ACTIVE:  # (almost) always active: predict all (t = 0 then stays exactly dense)
-        return LayerFit(predictor, ALL_LOGIT, {f"{r:g}": ALL_LOGIT for r in sorted({*RECALL_GRID, recall})}, [],
-                        time.perf_counter() - start, 1.0)
-    threshold, table, val_recall = _decision_cuts(_batched_logits(predictor, x_val), y_val, recall)
-    return LayerFit(predictor, threshold, table, [], time.perf_counter() - start, val_recall)
-
-
-def _own_int4(bundle: Bundle, layer: int, spec: FFNSpec) -> tuple[QRows, QRows] | None:
-    """The layer's gate and up rows when the bundle keeps both in int4 (the model's own 4-bit weights)."""
-    if not spec.gated or bundle.part_kinds.get("gate") != "int4":
-        return None
-    q = bundle.dense_ffn(layer, keep_quantized=True)
-    gate, up = q.get(f"layers.{layer}.ffn.gate.weight"), q.get(f"layers.{layer}.ffn.up.weight")
-    if isinstance(gate, QRows) and isinstance(up, QRows) and gate.kind == up.kind == "int4":
-        return gate, up
-    return None
-
-
 def _batched_logits(predictor: LayerPredictor, x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     return torch.cat([predictor.logits(x[i:i + rows]) for i in range(0, x.shape[0], rows)])
 
@@ -162,9 +140,13 @@ def decision_threshold(logits: torch.Tensor, y: torch.Tensor, recall: float) -> 
 @dataclass
 class TrainResult:
     folder: Path
-    predictors: Predictors
     report: dict
     seconds: float
+
+    @property
+    def predictors(self) -> Predictors:
+        """The predictors as saved (loaded on use: calibration keeps one layer's at a time)."""
+        return load_predictors(self.folder)
 
 
 def default_ranks(spec: FFNSpec, n_layers: int, rank: int | None, last_rank: int | None) -> list[int]:
@@ -201,28 +183,33 @@ def _sequences(ids: list[int], context: int, bos: int | None = None) -> list[tor
     return seqs
 
 
-def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int = DEFAULT_TOKENS,
-                     rank: int | None = None, last_rank: int | None = None, sparsity: float | None = None,
-                     recall: float = DEFAULT_RECALL, context: int = DEFAULT_CONTEXT,
-                     eval_tokens: int = DEFAULT_EVAL_TOKENS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
-                     progress: Progress | None = None, kind: str | None = None,
-                     group: int | None = None) -> TrainResult:
-    """Calibrate thresholds, train one predictor per layer, measure them, and save them into the bundle.
+@dataclass
+class Options:
+    """What train-predictor was asked, checked (see train_predictors)."""
 
-    The model runs layer by layer over the corpus: the hidden states of all sequences advance through
-    layer l (dense), and only layer l's FFN weights, inputs and active sets are in memory at a time.
-    """
-    start, cpu_start = time.perf_counter(), time.process_time()
-    torch.manual_seed(seed)
-    b = _open_bundle(bundle)
-    spec, config = b.spec, b.config
-    L = config.num_hidden_layers
+    kind: str
+    sparsity: float | None  # a fixed mean sparsity (None: chosen by the quality target)
+    max_quality_loss: float | None  # percent perplexity on every held-out domain
+    min_agreement: float
+    allocation: str
+    compare_uniform: bool
+    recall: float
+
+
+def _check_options(spec: FFNSpec, kind, sparsity, max_quality_loss, min_agreement, allocation, compare_uniform,
+                   recall, rank, last_rank, group, eval_tokens) -> Options:
     if sparsity is not None and not spec.gated:
         raise FlashLLMError("--sparsity applies to gated FFNs; a ReLU FFN's sparsity is natural (a > 0)")
-    if sparsity is None:
-        sparsity = DEFAULT_SPARSITY if spec.gated else 0.0
-    if not 0.0 <= sparsity < 1.0:
+    if sparsity is not None and max_quality_loss is not None:
+        raise FlashLLMError("give --sparsity or --max-quality-loss, not both")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise FlashLLMError(f"--sparsity {sparsity}: must be in [0, 1)")
+    if max_quality_loss is not None and not 0.0 <= max_quality_loss <= 100.0:
+        raise FlashLLMError(f"--max-quality-loss {max_quality_loss}: must be a percentage in [0, 100]")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise FlashLLMError(f"--min-agreement {min_agreement}: must be in [0, 1]")
+    if allocation not in ALLOCATIONS:
+        raise FlashLLMError(f"unknown --allocation {allocation!r} (choose from {', '.join(ALLOCATIONS)})")
     if not 0.0 < recall <= 1.0:
         raise FlashLLMError(f"--recall {recall}: must be in (0, 1]")
     kind = kind or ("int4" if spec.gated else "lowrank")
@@ -237,137 +224,132 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
         if spec.d % GROUP_SIZES[0]:
             raise FlashLLMError(f"int4 predictors need d divisible by {GROUP_SIZES[0]} (d = {spec.d}); "
                                 f"use --kind lowrank")
-        ranks = [0] * L
     elif group is not None:
         raise FlashLLMError("--group applies to --kind int4")
-    else:
-        ranks = default_ranks(spec, L, rank, last_rank)
+    if not spec.gated:  # a ReLU FFN: a > 0 is exact, there is nothing to choose
+        sparsity, max_quality_loss = 0.0, None
+    elif kind == "lowrank" and sparsity is None:
+        if max_quality_loss is not None:
+            raise FlashLLMError("--max-quality-loss needs --kind int4: a trained low-rank predictor fits one "
+                                "threshold per layer, known before training; give --sparsity")
+        sparsity = DEFAULT_SPARSITY
+    elif sparsity is None and max_quality_loss is None:
+        max_quality_loss = DEFAULT_QUALITY_LOSS
+    if max_quality_loss is not None and eval_tokens <= 0:
+        raise FlashLLMError("a quality target needs held-out text to measure it on (--eval-tokens > 0); "
+                            "or give --sparsity")
+    if kind == "lowrank" and sparsity is not None and allocation != "uniform":
+        allocation = "uniform"  # trained against one threshold per layer: the uniform one
+    return Options(kind, sparsity, max_quality_loss, min_agreement, allocation, compare_uniform, recall)
+
+
+def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int | None = None,
+                     rank: int | None = None, last_rank: int | None = None, sparsity: float | None = None,
+                     recall: float = DEFAULT_RECALL, context: int = DEFAULT_CONTEXT,
+                     eval_tokens: int = DEFAULT_EVAL_TOKENS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
+                     progress: Progress | None = None, kind: str | None = None, group: int | None = None,
+                     max_quality_loss: float | None = None, min_agreement: float = DEFAULT_MIN_AGREEMENT,
+                     allocation: str = "greedy", compare_uniform: bool = False,
+                     dram_budget: str | int | None = None) -> TrainResult:
+    """Calibrate thresholds, build one predictor per layer, choose the sparsity of each layer, measure
+    the result on held-out text of every domain, and save the predictors into the bundle.
+
+    Two passes over the layers (sparsity/calibrate.py): the first runs the training text through the
+    model layer by layer (hidden states of every sequence advance through layer l, dense), collecting
+    per layer the |a| quantiles, what dropping each share costs (the FFN output error), and the
+    predictor's decision cuts for each share; the second runs the held-out text of each domain through
+    the dense model and the candidate allocations side by side, layer by layer, and scores them. With
+    --max-quality-loss (the default) the sparsest candidate within the target on every domain wins;
+    with --sparsity the one allocation asked is measured. Only one layer's FFN and predictor are in
+    memory at a time, and the predictors are written layer by layer."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    torch.manual_seed(seed)
+    b = _open_bundle(bundle)
+    spec, config = b.spec, b.config
+    L = config.num_hidden_layers
+    opts = _check_options(spec, kind, sparsity, max_quality_loss, min_agreement, allocation, compare_uniform,
+                          recall, rank, last_rank, group, eval_tokens)
+    if opts.kind == "lowrank" and dram_budget is not None:
+        raise FlashLLMError("--dram-budget applies to --kind int4 (a low-rank predictor trains on every "
+                            "training token's activations at once)")
+    ranks = [0] * L if opts.kind == "int4" else default_ranks(spec, L, rank, last_rank)
+    tokens = tokens if tokens is not None else (DEFAULT_TOKENS if opts.kind == "int4" else DEFAULT_LOWRANK_TOKENS)
     tokenizer = Tokenizer.from_folder(b.folder)
     if tokenizer is None:
         raise FlashLLMError(f"{b.folder}: the bundle has no tokenizer.json")
-    text = load_corpus(corpus)
+    text = load_corpus(corpus if corpus is not None else DEFAULT_CORPUS)
     encode = lambda s: tokenizer.encode(s, add_bos=False)  # noqa: E731
     render = (lambda m: tokenizer.render_chat(m, add_generation_prompt=False)) if tokenizer.chat_template else None
     train_ids = text.tokens("train", encode, tokens, render)  # chat documents through the model's template
-    heldout_ids = text.tokens("heldout", encode, eval_tokens, render) if eval_tokens > 0 else []
-    minimum = 64
-    if len(train_ids) < minimum:
-        raise FlashLLMError(f"the corpus has only {len(train_ids)} training tokens; at least {minimum} are needed")
-    n_val = max(1, int(len(train_ids) * VALIDATION_SHARE))
+    if len(train_ids) < MIN_TRAIN_TOKENS:
+        raise FlashLLMError(f"the corpus has only {len(train_ids)} training tokens; at least {MIN_TRAIN_TOKENS} "
+                            f"are needed")
     bos = tokenizer.bos_token_id if tokenizer.add_bos else None
-    groups = {"train": _sequences(train_ids[:-n_val], context, bos),
-              "val": _sequences(train_ids[-n_val:], context, bos),
-              "heldout": _sequences(heldout_ids, context, bos) if heldout_ids else []}
+    heldout = calibrate.heldout_chunks(corpus if corpus is not None else DEFAULT_CORPUS, text, encode, render,
+                                       eval_tokens, context, bos)
+    if opts.max_quality_loss is not None and not heldout:
+        raise FlashLLMError(f"the corpus's held-out split has fewer than {calibrate.MIN_EVAL_TOKENS} tokens to "
+                            f"measure the quality target on; give --sparsity")
+    n_val = max(1, int(len(train_ids) * VALIDATION_SHARE))
+    groups = {"train": _sequences(train_ids[:-n_val], context, bos), "val": _sequences(train_ids[-n_val:], context, bos)}
+    levels = calibrate.levels_for(opts.sparsity, spec.gated)
+    runs = 1 + (1 + opts.compare_uniform) * (1 if opts.sparsity is not None else len(calibrate.LADDER))
+    memory = calibrate.Memory(b, dram_budget, sum(len(s) for seqs in groups.values() for s in seqs), heldout,
+                              context, n_val, runs)
+    with PredictorWriter(b.folder) as writer:
+        stats = calibrate.calibration_pass(b, groups, levels, opts, ranks, epochs, seed, group, writer, progress)
+        candidates = calibrate.candidates(stats, opts, L)
+        quality = calibrate.evaluation_pass(b, heldout, candidates, stats, opts, group, progress) \
+            if heldout else None
+        chosen = calibrate.choose(candidates, quality, opts)
+        settings, report = _settings_and_report(b, text, stats, chosen, candidates, quality, opts, ranks,
+                                                len(train_ids), n_val, context, memory)
+        report["overall"]["total_seconds"] = time.perf_counter() - start
+        report["overall"]["cpu_seconds"] = time.process_time() - cpu_start  # robust to a busy machine
+        settings["report"] = report
+        writer.finish(settings)
+    return TrainResult(b.folder, report, time.perf_counter() - start)
 
-    weights = {name: t.float() for name, t in b.resident_tensors(expand=True)}
-    model = b.family.model(config, weights, torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    h = {k: [model.embed(s, 0) for s in seqs] for k, seqs in groups.items()}  # [T, d] per sequence
-    cache = model.new_cache(context)  # every sequence starts at 0 and overwrites what it reads
-    thresholds, table, layers, fits, rows = [], {s: [] for s in THRESHOLD_GRID}, [], [], []
-    distinct, predicted_distinct = [], []
-    collect_seconds = 0.0
-    own_layers = 0  # int4 layers whose predictor is the bundle's own gate/up
-    with torch.no_grad():
-        for layer in range(L):
-            t0 = time.perf_counter()
-            ffn = {k.split(".", 2)[2]: v.float() for k, v in b.dense_ffn(layer).items()}
-            model.weights.update({f"layers.{layer}.{k}": v for k, v in ffn.items()})
-            xs, coeffs = {}, {}
-            for k in groups:
-                xs[k], coeffs[k] = [], []
-                for i, hi in enumerate(h[k]):
-                    hi = model.attention(layer, hi, 0, cache)
-                    x = model.ffn_input(layer, hi)  # [T, d]
-                    a = model_coefficients(model, layer, x)  # [T, n_ff]
-                    h[k][i] = hi + model.ffn_output(layer, F.linear(a, ffn["ffn.down.weight"]))
-                    xs[k].append(x)
-                    coeffs[k].append(a)
-            sample = torch.sort(torch.cat([abs_sample(a, THRESHOLD_SAMPLE // len(coeffs["train"]), g)
-                                           for a in coeffs["train"]])).values
-            t_l = sparsity_threshold(sample, sparsity) if spec.gated else 0.0
-            thresholds.append(t_l)
-            for s in THRESHOLD_GRID:
-                table[s].append(sparsity_threshold(sample, s) if spec.gated else 0.0)
-            masks = {k: [active_mask(spec, a, t_l) for a in coeffs[k]] for k in groups}
-            active = sample[sample > t_l]
-            scale = float(active[active.numel() // 2]) if active.numel() else 1.0  # median active |a|
-            magnitude = torch.cat(coeffs["train"]).abs_().div_(max(scale, 1e-12))  # [N, n_ff]
-            del coeffs, sample, active
-            for k in list(model.weights):
-                if k.startswith(f"layers.{layer}.ffn."):
-                    del model.weights[k]
-            collect_seconds += time.perf_counter() - t0
-            if progress:
-                progress(layer, L, f"layer {layer}: " + (f"training rank {ranks[layer]}" if kind == "lowrank"
-                                                          else "4-bit gate/up"))
-            if kind == "int4":
-                own = _own_int4(b, layer, spec) if group in (None, GROUP) else None
-                own_layers += own is not None
-                fit = int4_layer(spec, ffn, torch.cat(xs["val"]), torch.cat(masks["val"]), recall, group, own)
-            else:
-                with torch.enable_grad():
-                    fit = train_layer(torch.cat(xs["train"]), torch.cat(masks["train"]), torch.cat(xs["val"]),
-                                      torch.cat(masks["val"]), ranks[layer], recall, epochs, seed=seed + layer,
-                                      magnitude=magnitude)
-            del magnitude
-            fits.append(fit)
-            layers.append(fit.predictor)
-            eval_set = "heldout" if groups["heldout"] else "val"
-            y = torch.cat(masks[eval_set])
-            pred = [_batched_logits(fit.predictor, x) >= fit.decision_threshold for x in xs[eval_set]]
-            rows.append(_layer_row(layer, y, torch.cat(pred), fit, spec))
-            distinct.append(_mean_window([m for m in masks[eval_set]]))
-            predicted_distinct.append(_mean_window(pred))
-            if progress:
-                progress(layer + 1, L, f"layer {layer}: recall {rows[-1]['recall']:.3f}")
-    del h, xs, masks
 
-    model_bytes = b.manifest["sizes"]["total_bytes"]
+def _settings_and_report(b: Bundle, text, stats, chosen, candidates, quality, opts: Options, ranks: list[int],
+                         n_train: int, n_val: int, context: int, memory) -> tuple[dict, dict]:
+    spec, L = b.spec, b.config.num_hidden_layers
+    idx = chosen.levels
+    key = f"{opts.recall:g}"
+    layer_stats = stats.layers
+    thresholds = [s.thresholds[i] for s, i in zip(layer_stats, idx)]
+    rows = [s.row(layer, i, ranks[layer]) for layer, (s, i) in enumerate(zip(layer_stats, idx))]
+    first = layer_stats[0]
     settings = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "sparsity": sparsity, "gated": spec.gated, "target_recall": recall,
+        "sparsity": chosen.mean_level(stats), "gated": spec.gated, "target_recall": opts.recall,
+        "allocation": chosen.allocation,
+        "layer_sparsity": [s.levels[i] for s, i in zip(layer_stats, idx)],
         "activation_thresholds": thresholds,
-        "decision_thresholds": [f.decision_threshold for f in fits],
+        "decision_thresholds": [s.cuts[i][key] for s, i in zip(layer_stats, idx)],
         "decision_threshold_kind": "logit (a neuron is predicted when its logit >= the threshold)",
-        "decision_table": {r: [f.decision_table[r] for f in fits] for r in fits[0].decision_table},
-        "pinned": [f.pinned for f in fits],
+        "decision_table": {r: [s.cuts[i][r] for s, i in zip(layer_stats, idx)] for r in first.cuts[0]},
+        "pinned": [s.pinned for s in layer_stats],
         "ranks": ranks,
-        "kind": kind, "n_ff": spec.n_ff,
-        **({"int4_rows": layers[0].matrix.rows, "int4_group": layers[0].matrix.group,
-            "int4_activation": layers[0].activation,
+        "kind": opts.kind, "n_ff": spec.n_ff,
+        **({"int4_rows": stats.int4_rows, "int4_group": stats.int4_group, "int4_activation": spec.activation if
+            spec.gated else "",
             # "bundle": every layer's predictor is its own int4 gate/up, so gate/up from DRAM is exact
-            "int4_source": "bundle" if own_layers == L else "requantized"} if kind == "int4" else {}),
-        "window_stats": {"K": WINDOW_K, "distinct": distinct, "predicted_distinct": predicted_distinct,
-                         "n_ff": spec.n_ff, "tokens": "heldout" if groups["heldout"] else "validation"},
-        "threshold_table": {f"{s:.2f}": table[s] for s in THRESHOLD_GRID},
-        "corpus": {"description": text.description, "train_tokens": len(train_ids) - n_val,
-                   "validation_tokens": n_val, "heldout_tokens": len(heldout_ids), "context": context},
+            "int4_source": "bundle" if stats.own_layers == L else "requantized"} if opts.kind == "int4" else {}),
+        "window_stats": {"K": WINDOW_K, "distinct": [s.distinct[i] for s, i in zip(layer_stats, idx)],
+                         "predicted_distinct": [s.predicted_distinct[i] for s, i in zip(layer_stats, idx)],
+                         "n_ff": spec.n_ff, "tokens": "validation"},
+        "threshold_table": {f"{s:.2f}": [ls.thresholds[ls.levels.index(s)] if spec.gated else 0.0
+                                         for ls in layer_stats] for s in THRESHOLD_GRID},
+        "corpus": {"description": text.description, "train_tokens": n_train - n_val,
+                   "validation_tokens": n_val, "heldout_tokens": quality.tokens if quality else 0,
+                   "context": context},
     }
-    predictors = Predictors(layers, settings)
-    report = {"layers": rows, "overall": _overall(rows, predictors, model_bytes, fits, collect_seconds)}
-    report["quality"] = None
-    if len(heldout_ids) >= MIN_EVAL_TOKENS:  # quality on the held-out split, by `flashllm perplexity`'s code
-        weights.update({k: v.float() for layer in range(L) for k, v in b.dense_ffn(layer).items()})
-        quality = evaluate(model, heldout_ids, min(context, len(heldout_ids)), ["oracle", "predictor"],
-                           thresholds, predictors, bos=bos, progress=progress)
-        report["quality"] = {mode: r.to_json() for mode, r in quality.items()}
-    report["overall"]["total_seconds"] = time.perf_counter() - start
-    report["overall"]["cpu_seconds"] = time.process_time() - cpu_start  # robust to a busy machine
-    settings["report"] = report
-    predictors.save(b.folder)
-    return TrainResult(b.folder, predictors, report, time.perf_counter() - start)
-
-
-def _layer_row(layer: int, y: torch.Tensor, pred: torch.Tensor, fit: LayerFit, spec: FFNSpec) -> dict:
-    tp = int((y & pred).sum())
-    true, predicted = int(y.sum()), int(pred.sum())
-    total = y.numel()
-    return {"layer": layer, "rank": fit.predictor.rank, "true_active": true / total,
-            "predicted_active": predicted / total, "recall": tp / true if true else 1.0,
-            "precision": tp / predicted if predicted else 1.0, "decision_threshold": fit.decision_threshold,
-            "stored_bytes": fit.predictor.stored_bytes,
-            "pinned": len(fit.pinned), "train_seconds": fit.seconds}
+    report = {"layers": rows, "overall": _overall(rows, stats, b.manifest["sizes"]["total_bytes"])}
+    report["quality"] = quality.summary(chosen) if quality else None
+    report["selection"] = calibrate.selection_report(candidates, quality, chosen, opts)
+    report["memory"] = memory.report()
+    return settings, report
 
 
 def _mean_window(masks: list[torch.Tensor]) -> list[float]:
@@ -382,14 +364,13 @@ def _mean_window(masks: list[torch.Tensor]) -> list[float]:
     return [s / c if c else float("nan") for s, c in zip(sums, counts)]
 
 
-def _overall(rows: list[dict], predictors: Predictors, model_bytes: int, fits: list[LayerFit],
-             collect_seconds: float) -> dict:
+def _overall(rows: list[dict], stats, model_bytes: int) -> dict:
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731  every layer has n_ff neurons
     true, predicted = mean("true_active"), mean("predicted_active")
     recall = sum(r["recall"] * r["true_active"] for r in rows) / max(1e-12, sum(r["true_active"] for r in rows))
     stored = sum(r["stored_bytes"] for r in rows)
     return {"true_active": true, "predicted_active": predicted, "recall": recall,
-            "precision": recall * true / predicted if predicted else 1.0,
-            "predictor_bytes": stored, "predictor_dram_bytes": predictors.nbytes,
-            "predictor_percent_of_model": 100 * stored / model_bytes, "model_bytes": model_bytes,
-            "train_seconds": sum(f.seconds for f in fits), "collect_seconds": collect_seconds}
+            "precision": recall * true / predicted if predicted else 1.0, "sparsity": 1 - true,
+            "predictor_bytes": stored, "predictor_percent_of_model": 100 * stored / model_bytes,
+            "model_bytes": model_bytes, "train_seconds": sum(r["train_seconds"] for r in rows),
+            "collect_seconds": stats.collect_seconds}

@@ -1,0 +1,594 @@
+"""Sparsity chosen by quality: per-layer thresholds from a quality target, measured per domain.
+
+`train-predictor` runs two passes over the layers, each holding one layer's FFN (as stored: quantized
+rows stay quantized) and predictor at a time, with the hidden states of every sequence advancing
+through layer l before layer l + 1 is read:
+
+1. Calibration, on the training text (dense): per layer, the |a| quantile of each sparsity level
+   (0, 0.05 .. 0.95), what dropping the neurons below each costs (the relative error it puts into the
+   residual stream, ||FFN output of the dropped neurons||^2 / ||h||^2 over a sample of tokens), and the
+   predictor's decision cut for each level and recall target (on the validation slice).
+2. Evaluation, on the held-out text of each domain: the dense model and every candidate allocation
+   run side by side, layer by layer, in predictor mode (what `generate` runs), scored as
+   `flashllm perplexity` scores (sparsity/quality.py): perplexity, top-1 agreement with dense, KL.
+
+Candidates are mean sparsities (LADDER) spread over the layers either uniformly or greedily: starting
+from dense, repeatedly raise the level of the layer whose next step costs the least error per unit of
+sparsity (TEAL's greedy allocation, with our per-layer error in place of its block error). The chosen
+allocation is the sparsest candidate whose perplexity is within --max-quality-loss percent of dense
+and whose top-1 agreement is at least --min-agreement on every held-out domain; none: dense.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from flashllm.corpus import BUILTIN, DOMAINS, builtin_corpus
+from flashllm.disk.system import bound_heap, current_rss, peak_rss
+from flashllm.errors import FlashLLMError
+from flashllm.models.ffn import FFNSpec, active_mask, ffn_over_rows, neuron_coefficients
+from flashllm.models.qrows import GROUP, QRows, Workspace, dequantize_rows, for_compute
+from flashllm.sparsity.predictors import Int4Predictor
+from flashllm.sparsity.quality import PerplexityResult, chunks_of
+from flashllm.sparsity.thresholds import THRESHOLD_GRID, abs_sample, sparsity_threshold
+from flashllm.units import parse_size
+
+LADDER = (0.2, 0.3, 0.4, 0.5)  # mean sparsities tried for a quality target, each a pass of the held-out text
+ERROR_TOKENS = 256  # training tokens per layer on which each level's output error is measured
+CUT_SAMPLE = 1 << 18  # validation coefficients per layer the decision cuts are tuned on
+SAMPLE = 1 << 20  # |a| values per layer the level quantiles are taken from
+WINDOW_TOKENS = 256  # validation tokens the window statistics are counted on, per level
+SCORE_ROWS = 64  # positions whose logits are computed at once at the end (vocab x 64 floats)
+MIN_EVAL_TOKENS = 16
+HEAD_NAMES = ("embed.weight", "lm_head.weight")
+
+
+def levels_for(sparsity: float | None, gated: bool) -> list[float]:
+    """The sparsity levels every layer is calibrated at: 0, the grid, and an asked one off the grid."""
+    if not gated:
+        return [0.0]
+    return sorted({0.0, *THRESHOLD_GRID, *([round(sparsity, 6)] if sparsity else [])})
+
+
+@dataclass
+class LayerStats:
+    """One layer's calibration: per level its threshold, output error, decision cuts and counts."""
+
+    levels: list[float]
+    thresholds: list[float]
+    errors: list[float]
+    cuts: list[dict[str, float]]  # per level: recall key -> logit cut
+    counts: list[dict[str, float]]  # per level, for the main recall: true / predicted / hit shares (validation)
+    distinct: list[list[float]]  # per level: distinct neurons over windows of K tokens (validation)
+    predicted_distinct: list[list[float]]
+    pinned: list[int]
+    seconds: float
+    stored_bytes: int
+
+    def row(self, layer: int, j: int, rank: int) -> dict:
+        c = self.counts[j]
+        return {"layer": layer, "rank": rank, "sparsity": self.levels[j], "true_active": c["true"],
+                "predicted_active": c["predicted"], "recall": c["hits"] / c["true"] if c["true"] else 1.0,
+                "precision": c["hits"] / c["predicted"] if c["predicted"] else 1.0,
+                "decision_threshold": self.cuts[j][c["key"]], "error": self.errors[j],
+                "stored_bytes": self.stored_bytes, "pinned": len(self.pinned), "train_seconds": self.seconds}
+
+
+@dataclass
+class CalibrationStats:
+    layers: list[LayerStats] = field(default_factory=list)
+    own_layers: int = 0  # int4 layers whose predictor is the bundle's own gate/up
+    int4_rows: int = 0
+    int4_group: int = 0
+    collect_seconds: float = 0.0
+    lowrank: list = field(default_factory=list)  # trained low-rank predictors (small), for the evaluation pass
+
+
+@dataclass
+class Candidate:
+    name: str
+    allocation: str  # "greedy", "uniform" or "dense"
+    target: float  # the mean sparsity asked
+    levels: list[int]  # per layer, the index of its level
+
+    def mean_level(self, stats: CalibrationStats) -> float:
+        return sum(s.levels[j] for s, j in zip(stats.layers, self.levels)) / len(self.levels)
+
+
+def allocate_greedy(errors: list[list[float]], levels: list[float], target: float) -> list[int]:
+    """Per-layer level indices whose mean level reaches `target`: from dense, one step at a time in the
+    layer whose next step adds the least error per unit of sparsity (ties: the lower layer)."""
+    idx = [0] * len(errors)
+    need = target * len(errors) - 1e-9
+    while sum(levels[j] for j in idx) < need:
+        best, best_cost = None, math.inf
+        for layer, j in enumerate(idx):
+            if j + 1 < len(levels):
+                cost = (errors[layer][j + 1] - errors[layer][j]) / (levels[j + 1] - levels[j])
+                if cost < best_cost:
+                    best, best_cost = layer, cost
+        if best is None:
+            break
+        idx[best] += 1
+    return idx
+
+
+def candidates(stats: CalibrationStats, opts, L: int) -> list[Candidate]:
+    """The allocations the evaluation pass measures (the dense model always runs beside them)."""
+    levels = stats.layers[0].levels
+    errors = [s.errors for s in stats.layers]
+
+    def make(allocation: str, target: float) -> Candidate:
+        idx = allocate_greedy(errors, levels, target) if allocation == "greedy" else [levels.index(
+            round(target, 6) if round(target, 6) in levels else target)] * L
+        return Candidate(f"{allocation} {target:g}", allocation, target, idx)
+
+    allocations = [opts.allocation] + (["uniform"] if opts.compare_uniform and opts.allocation != "uniform" else [])
+    if opts.sparsity is not None:
+        if opts.sparsity == 0:
+            return [Candidate("dense", "dense", 0.0, [0] * L)]
+        return [make(a, opts.sparsity) for a in allocations]
+    if opts.max_quality_loss == 0:  # nothing sparse is within a zero loss: the model stays dense
+        return [Candidate("dense", "dense", 0.0, [0] * L)]
+    return [make(a, s) for s in LADDER for a in allocations]
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+class Memory:
+    """What calibration keeps, planned against `--dram-budget` before anything is loaded, and the
+    process's peak RSS measured against it. The overhead (Python, torch, libraries) is measured as
+    generate measures it: the RSS before any weight is loaded."""
+
+    def __init__(self, b, budget, calib_tokens: int, heldout: dict, context: int, n_val: int, runs: int):
+        bound_heap()
+        torch.ones(1 << 17).sum()  # torch's thread team starts before the overhead is measured
+        self.overhead = current_rss()
+        total = b.manifest["sizes"]["total_bytes"]
+        self.budget = parse_size(budget, of=total, what="budget") if budget is not None else None
+        c, spec = b.config, b.spec
+        L, d, n_ff = c.num_hidden_layers, spec.d, spec.n_ff
+        header, _ = b._resident_header()
+        size = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__"}
+        float_factor = 1 if b.quantized else 4 // b.itemsize  # float bundles compute in float32
+        head = sum(size.get(k, 0) for k in HEAD_NAMES) * float_factor
+        attention = (sum(size.values()) * float_factor) - head
+        layer = b.manifest["sizes"]["ffn_bytes"] // L * (2 if b.quantized else 2 * float_factor)  # records + predictor
+        eval_tokens = sum(len(chunk) for chunks in heldout.values() for chunk in chunks)
+        hidden = (calib_tokens + runs * eval_tokens) * d * 4
+        kv = L * context * c.num_key_value_heads * c.head_dim * 2 * 4
+        sequence = context * n_ff * 4 * 5 + b.family.model.work_bytes_for(c, context, context)
+        val = n_val * (n_ff * 4 * 3 + d * 4) + CUT_SAMPLE * 4 * 3
+        errors = ERROR_TOKENS * n_ff * 4 * 6 + SAMPLE * 4 * 2
+        work = Workspace.bytes_for(d) * 2
+        self.parts = {"attention": attention, "hidden states": hidden, "one layer": layer + sequence + val + errors,
+                      "head": head + SCORE_ROWS * c.vocab_size * 4 * 4}
+        self.planned = attention + kv + hidden + work + max(head + SCORE_ROWS * c.vocab_size * 16,
+                                                            layer + sequence + val + errors)
+        if self.budget is not None and self.planned > self.budget:
+            parts = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in self.parts.items())
+            raise FlashLLMError(f"--dram-budget {self.budget / 1e6:.0f} MB: calibrating needs about "
+                                f"{self.planned / 1e6:.0f} MB ({parts}); give a larger budget or fewer --tokens / "
+                                f"--eval-tokens")
+
+    def report(self) -> dict:
+        return {"budget_bytes": self.budget, "planned_bytes": self.planned, "overhead_bytes": self.overhead,
+                "peak_rss_bytes": peak_rss()}
+
+
+# -- the model, a layer at a time --------------------------------------------------------------------
+
+def _model(b):
+    """The model over the bundle's resident weights as stored (quantized rows stay quantized, float
+    ones computed in float32), with the embedding and head tables left out (see _load_head)."""
+    weights = {}
+    for name, t in b.resident_tensors(skip=HEAD_NAMES):
+        weights[name] = t if isinstance(t, QRows) else t.float()
+    placeholder = torch.zeros(0)
+    model = b.family.model(b.config, {**weights, **{k: placeholder for k in HEAD_NAMES}}, torch.float32)
+    for k in HEAD_NAMES:
+        del model.weights[k]
+    if hasattr(model, "lm_head"):
+        model.lm_head = None
+    width = max(model.quantized_width, b.spec.d)
+    model.use_workspace(Workspace(width))
+    return model
+
+
+def _load_head(model, b, names: tuple[str, ...]) -> None:
+    """Load the embedding and/or head tables (whichever `names` the bundle has) into the model."""
+    for name, t in b.resident_tensors(skip=tuple(k for k in _resident_names(b) if k not in names)):
+        t = t if isinstance(t, QRows) else t.float()
+        model.weights[name] = t if name == "embed.weight" else for_compute(t)
+    if hasattr(model, "lm_head"):
+        tied = getattr(model.config, "tie_word_embeddings", True) or "lm_head.weight" not in model.weights
+        model.lm_head = model.weights.get("embed.weight" if tied else "lm_head.weight")
+
+
+def _drop_head(model) -> None:
+    for k in HEAD_NAMES:
+        model.weights.pop(k, None)
+    if hasattr(model, "lm_head"):
+        model.lm_head = None
+
+
+def _resident_names(b) -> list[str]:
+    header, _ = b._resident_header()
+    return [k for k in header if k != "__metadata__"]
+
+
+def _embed(model, b, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    _load_head(model, b, ("embed.weight",))
+    out = [model.embed(s, 0).float() for s in sequences]
+    _drop_head(model)
+    return out
+
+
+def layer_ffn(b, layer: int) -> dict[str, torch.Tensor | QRows]:
+    """One layer's FFN as stored: quantized parts as QRows (down as its columns), float ones as float32."""
+    return {k.split(".", 2)[2]: (v if isinstance(v, QRows) else v.float())
+            for k, v in b.dense_ffn(layer, keep_quantized=True).items()}
+
+
+def coefficients(spec: FFNSpec, x: torch.Tensor, ffn: dict, work: Workspace) -> torch.Tensor:
+    return neuron_coefficients(spec, x, ffn.get("ffn.gate.weight"), ffn["ffn.up.weight"], ffn.get("ffn.up.bias"),
+                               work)
+
+
+def ffn_sum(a: torch.Tensor, ffn: dict, work: Workspace) -> torch.Tensor:
+    down = ffn["ffn.down.weight"]
+    if isinstance(down, QRows):
+        return ffn_over_rows(a, down, torch.float32, work)
+    return F.linear(a, down)  # float down [d, n_ff]
+
+
+def float_ffn(ffn: dict) -> dict[str, torch.Tensor]:
+    """The layer's gate/up (and up bias) as float32 matrices, for a requantized int4 predictor."""
+    return {k: dequantize_rows(v) if isinstance(v, QRows) else v for k, v in ffn.items() if k != "ffn.down.weight"}
+
+
+# -- held-out text per domain ------------------------------------------------------------------------
+
+def heldout_chunks(corpus_name, text, encode, render, eval_tokens: int, context: int,
+                   bos: int | None) -> dict[str, list[torch.Tensor]]:
+    """Chunks of each domain's held-out split (eval_tokens in all, shared equally): every built-in domain
+    for builtin:all, else the corpus's own held-out split. Domains with too little text are left out."""
+    name = str(corpus_name)
+    if name == f"{BUILTIN}:all":
+        sources = [(domain, builtin_corpus(domain)) for domain in DOMAINS]
+    elif name.startswith(BUILTIN + ":"):
+        sources = [(name[len(BUILTIN) + 1:], text)]
+    elif name == BUILTIN:
+        sources = [("docs", text)]
+    else:
+        sources = [("held-out", text)]
+    if eval_tokens <= 0:
+        return {}
+    out = {}
+    for domain, corpus in sources:
+        ids = corpus.tokens("heldout", encode, eval_tokens // len(sources), render)
+        if len(ids) >= MIN_EVAL_TOKENS:
+            out[domain] = chunks_of(ids, min(context, len(ids)), bos)
+    return out
+
+
+# -- pass 1: calibration -----------------------------------------------------------------------------
+
+def int4_predictor(spec: FFNSpec, ffn: dict, group: int | None) -> tuple[Int4Predictor, bool]:
+    """The layer's int4 predictor and whether it is the bundle's own gate/up (an int4 bundle's rows,
+    used as they are) rather than a requantized copy."""
+    gate, up = ffn.get("ffn.gate.weight"), ffn.get("ffn.up.weight")
+    own = (group in (None, GROUP) and spec.gated and isinstance(gate, QRows) and isinstance(up, QRows)
+           and gate.kind == up.kind == "int4")
+    predictor = Int4Predictor.from_qrows(spec, gate, up) if own else Int4Predictor.from_ffn(spec, float_ffn(ffn), group)
+    predictor.matrix.prepare(keep=True)  # the kernel's form for speed, the storage form for saving
+    return predictor, own
+
+
+def calibration_pass(b, groups: dict[str, list[torch.Tensor]], levels: list[float], opts, ranks: list[int],
+                     epochs: int, seed: int, group: int | None, writer, progress=None) -> CalibrationStats:
+    """Pass 1 (see the module's docstring); writes each layer's predictor into `writer` as it is built."""
+    from flashllm.sparsity.train import (
+        ALL_LOGIT,
+        ALWAYS_ACTIVE,
+        RECALL_GRID,
+        _mean_window,
+        train_layer,
+    )
+    spec, L = b.spec, b.config.num_hidden_layers
+    context = max(len(s) for seqs in groups.values() for s in seqs)
+    model = _model(b)
+    model.limit_context(context)
+    work = model.workspace
+    g = torch.Generator().manual_seed(seed)
+    h = {k: _embed(model, b, seqs) for k, seqs in groups.items()}
+    cache = model.new_cache(context)
+    stats = CalibrationStats()
+    recalls = sorted({*RECALL_GRID, opts.recall})
+    key = f"{opts.recall:g}"
+    n_train = max(1, len(h["train"]))
+    per_seq_sample = max(1, SAMPLE // n_train)
+    per_seq_error = max(1, -(-ERROR_TOKENS // n_train))
+    train_level = levels.index(round(opts.sparsity, 6)) if opts.sparsity else 0
+    with torch.no_grad():
+        for layer in range(L):
+            t0 = time.perf_counter()
+            ffn = layer_ffn(b, layer)
+            model.weights.update({f"layers.{layer}.{k}": v for k, v in ffn.items()})
+            samples, x_val, a_val, a_err, xs_train, a_train = [], [], [], [], [], []
+            norm = 0.0
+            for k in ("train", "val"):
+                for i, hi in enumerate(h[k]):
+                    hi = model.attention(layer, hi, 0, cache)
+                    x = model.ffn_input(layer, hi)  # [T, d]
+                    a = coefficients(spec, x, ffn, work)  # [T, n_ff]
+                    h[k][i] = hi + model.ffn_output(layer, ffn_sum(a, ffn, work))
+                    if k == "val":
+                        x_val.append(x)
+                        a_val.append(a)
+                        continue
+                    samples.append(abs_sample(a, per_seq_sample, g))
+                    rows = torch.arange(0, a.shape[0], max(1, a.shape[0] // per_seq_error))[:per_seq_error]
+                    a_err.append(a[rows])
+                    norm += float(hi[rows].double().pow(2).sum())
+                    if opts.kind == "lowrank":
+                        xs_train.append(x)
+                        a_train.append(a)
+                    del a
+            sample = torch.sort(torch.cat(samples)).values
+            del samples
+            thresholds = [sparsity_threshold(sample, s) for s in levels] if spec.gated else [0.0]
+            errors = _errors(torch.cat(a_err), ffn, work, thresholds, norm, spec) if spec.gated else [0.0]
+            active = sample[sample > thresholds[train_level]]
+            scale = float(active[active.numel() // 2]) if active.numel() else 1.0  # median active |a|
+            del sample, active, a_err
+            stats.collect_seconds += time.perf_counter() - t0
+            if progress:
+                progress(layer, L, f"layer {layer}: " + ("training rank " + str(ranks[layer]) if opts.kind == "lowrank"
+                                                         else "4-bit gate/up"))
+            t1 = time.perf_counter()
+            xv, av = torch.cat(x_val), torch.cat(a_val)
+            pinned, fixed_cuts = [], None
+            if opts.kind == "int4":
+                predictor, own = int4_predictor(spec, ffn, group)
+                stats.own_layers += own
+                stats.int4_rows, stats.int4_group = predictor.matrix.rows, predictor.matrix.group
+            else:
+                magnitude = torch.cat(a_train).abs_().div_(max(scale, 1e-12))
+                masks = [active_mask(spec, a, thresholds[train_level]) for a in a_train]
+                with torch.enable_grad():
+                    fit = train_layer(torch.cat(xs_train), torch.cat(masks), xv,
+                                      active_mask(spec, av, thresholds[train_level]), ranks[layer], opts.recall,
+                                      epochs, seed=seed + layer, magnitude=magnitude)
+                predictor, pinned, fixed_cuts = fit.predictor, fit.pinned, fit.decision_table
+                stats.lowrank.append(predictor)
+                del magnitude, masks, xs_train, a_train
+            logits = torch.cat([predictor.logits(xv[i:i + 4096]) for i in range(0, xv.shape[0], 4096)])
+            cuts, counts, distinct, predicted_distinct = [], [], [], []
+            pick = torch.randperm(logits.numel(), generator=g)[:CUT_SAMPLE] if logits.numel() > CUT_SAMPLE else None
+            window = min(WINDOW_TOKENS, len(a_val[0]))  # the first validation sequence's first tokens
+            for j, t in enumerate(thresholds):
+                y = active_mask(spec, av, t)
+                if fixed_cuts is not None and j == train_level:
+                    table = dict(fixed_cuts)
+                elif float(y.float().mean()) >= ALWAYS_ACTIVE:
+                    table = {f"{r:g}": ALL_LOGIT for r in recalls}
+                else:
+                    ys, ls = (y.flatten()[pick], logits.flatten()[pick]) if pick is not None else (y, logits)
+                    positives = torch.sort(ls[ys].float()).values
+                    table = {f"{r:g}": _kth_cut(positives, r) for r in recalls}
+                pred = logits >= table[key]
+                counts.append({"key": key, "true": float(y.float().mean()), "predicted": float(pred.float().mean()),
+                               "hits": float((y & pred).float().mean())})
+                cuts.append(table)
+                distinct.append(_mean_window([y[:window]]))
+                predicted_distinct.append(_mean_window([pred[:window]]))
+            stored = predictor.stored_bytes
+            writer.add(layer, predictor)
+            del predictor, logits, xv, av, x_val, a_val
+            for k in list(model.weights):
+                if k.startswith(f"layers.{layer}.ffn."):
+                    del model.weights[k]
+            del ffn
+            stats.layers.append(LayerStats(list(levels), thresholds if spec.gated else [0.0], errors, cuts, counts,
+                                           distinct, predicted_distinct, pinned, time.perf_counter() - t1, stored))
+            if progress:
+                progress(layer + 1, L, f"layer {layer}: calibrated")
+    return stats
+
+
+def _kth_cut(positives: torch.Tensor, recall: float) -> float:
+    """The largest logit cut keeping a share >= recall of these (sorted) positives' logits."""
+    if positives.numel() == 0:
+        return 0.0
+    k = int(math.floor(positives.numel() * (1 - recall))) + 1
+    return float(positives[min(k, positives.numel()) - 1])
+
+
+def _errors(a: torch.Tensor, ffn: dict, work: Workspace, thresholds: list[float], norm: float,
+            spec: FFNSpec) -> list[float]:
+    """Per level: ||FFN output of the neurons it drops||^2 / ||h||^2 over these tokens."""
+    out = []
+    for t in thresholds:
+        if t <= 0:
+            out.append(0.0)
+            continue
+        dropped = a * ~active_mask(spec, a, t)
+        out.append(float(ffn_sum(dropped, ffn, work).double().pow(2).sum()) / max(norm, 1e-30))
+    return out
+
+
+# -- pass 2: evaluation ------------------------------------------------------------------------------
+
+@dataclass
+class Score:
+    """Sums over one domain's scored positions for one run."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    tokens: int = 0
+    kept: int = 0
+    neurons: int = 0
+    chunks: int = 0
+    context: int = 0
+    seconds: float = 0.0
+
+    def result(self, mode: str, sparsity: float | None) -> PerplexityResult:
+        n = max(1, self.tokens)
+        r = PerplexityResult(mode, self.context, self.chunks, self.tokens, self.nll / n, math.exp(self.nll / n),
+                             self.agree / n, self.kl / n, self.seconds, sparsity)
+        if self.neurons:
+            r.counts = {"kept": self.kept / self.neurons, "sparsity": 1 - self.kept / self.neurons}
+        return r
+
+    def __add__(self, other: Score) -> Score:
+        return Score(*(getattr(self, f) + getattr(other, f) for f in
+                       ("nll", "kl", "agree", "tokens", "kept", "neurons", "chunks")), max(self.context, other.context),
+                     self.seconds + other.seconds)
+
+
+@dataclass
+class Quality:
+    domains: list[str]
+    scores: dict[str, dict[str, Score]]  # run name ("dense" or a candidate's) -> domain -> sums
+    stats: CalibrationStats
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.scores["dense"].values())
+
+    def run_of(self, c: Candidate) -> str:
+        return "dense" if c.allocation == "dense" else c.name
+
+    def domain_result(self, run: str, domain: str, sparsity: float | None) -> PerplexityResult:
+        return self.scores[run][domain].result("dense" if run == "dense" else "predictor", sparsity)
+
+    def loss(self, run: str, domain: str) -> float:
+        """Percent perplexity over dense's on a domain."""
+        mine, dense = self.scores[run][domain], self.scores["dense"][domain]
+        return 100 * (math.exp((mine.nll - dense.nll) / max(1, mine.tokens)) - 1)
+
+    def passes(self, c: Candidate, opts) -> bool:
+        run = self.run_of(c)
+        return all(self.loss(run, d) <= opts.max_quality_loss and
+                   self.scores[run][d].agree / max(1, self.scores[run][d].tokens) >= opts.min_agreement
+                   for d in self.domains)
+
+    def summary(self, chosen: Candidate) -> dict:
+        """dense and the chosen run over every domain together, as perplexity reports them."""
+        total = lambda run: sum((self.scores[run][d] for d in self.domains), Score())  # noqa: E731
+        run = self.run_of(chosen)
+        out = {"dense": total("dense").result("dense", None).to_json(),
+               "predictor": total(run).result("predictor", chosen.mean_level(self.stats)).to_json()}
+        out["domains"] = {d: {"dense": self.domain_result("dense", d, None).to_json(),
+                              "predictor": self.domain_result(run, d, chosen.mean_level(self.stats)).to_json()}
+                          for d in self.domains}
+        return out
+
+
+def evaluation_pass(b, heldout: dict[str, list[torch.Tensor]], cands: list[Candidate], stats: CalibrationStats,
+                    opts, group: int | None, progress=None) -> Quality:
+    """Pass 2 (see the module's docstring)."""
+    spec, L = b.spec, b.config.num_hidden_layers
+    key = f"{opts.recall:g}"
+    chunks = [(domain, chunk) for domain, cs in heldout.items() for chunk in cs]
+    context = max(len(c) for _, c in chunks)
+    runs = {"dense": None, **{c.name: c for c in cands if c.allocation != "dense"}}
+    model = _model(b)
+    model.limit_context(context)
+    work = model.workspace
+    first = _embed(model, b, [c for _, c in chunks])
+    h = {run: [x.clone() for x in first] for run in runs}
+    del first
+    scores = {run: {d: Score() for d in heldout} for run in runs}
+    cache = model.new_cache(context)
+    with torch.no_grad():
+        for layer in range(L):
+            ffn = layer_ffn(b, layer)
+            model.weights.update({f"layers.{layer}.{k}": v for k, v in ffn.items()})
+            predictor = None
+            if len(runs) > 1:
+                predictor = int4_predictor(spec, ffn, group)[0] if opts.kind == "int4" else stats.lowrank[layer]
+            ls = stats.layers[layer]
+            for run, cand in runs.items():
+                t0 = time.perf_counter()
+                for i, (domain, _) in enumerate(chunks):
+                    hi = model.attention(layer, h[run][i], 0, cache)
+                    x = model.ffn_input(layer, hi)
+                    a = coefficients(spec, x, ffn, work)
+                    if cand is not None:
+                        j = cand.levels[layer]
+                        keep = active_mask(spec, a, ls.thresholds[j]) & (predictor.logits(x) >= ls.cuts[j][key])
+                        scores[run][domain].kept += int(keep.sum())
+                        scores[run][domain].neurons += keep.numel()
+                        a = a * keep
+                    h[run][i] = hi + model.ffn_output(layer, ffn_sum(a, ffn, work))
+                scores[run][chunks[0][0]].seconds += time.perf_counter() - t0
+            del predictor
+            for k in list(model.weights):
+                if k.startswith(f"layers.{layer}."):
+                    del model.weights[k]
+            del ffn
+            if progress:
+                progress(layer + 1, L, f"held-out text, layer {layer}: {len(runs)} runs")
+        _load_head(model, b, HEAD_NAMES)
+        for i, (domain, chunk) in enumerate(chunks):
+            half = len(chunk) // 2
+            for start in range(half, len(chunk) - 1, SCORE_ROWS):
+                stop = min(start + SCORE_ROWS, len(chunk) - 1)
+                targets = chunk[start + 1:stop + 1].unsqueeze(1)
+                reference = None
+                for run in runs:
+                    logp = F.log_softmax(model.head(h[run][i][start:stop]).float(), dim=-1)
+                    s = scores[run][domain]
+                    s.nll -= float(logp.gather(1, targets).sum())
+                    if reference is None:
+                        reference = logp
+                    else:
+                        s.kl += float(F.kl_div(logp, reference, log_target=True, reduction="sum"))
+                    s.agree += int((logp.argmax(-1) == reference.argmax(-1)).sum())
+                    s.tokens += stop - start
+            for run in runs:
+                scores[run][domain].chunks += 1
+                scores[run][domain].context = max(scores[run][domain].context, len(chunk))
+        _drop_head(model)
+    return Quality(list(heldout), scores, stats)
+
+
+def choose(cands: list[Candidate], quality: Quality | None, opts) -> Candidate:
+    """The asked allocation (--sparsity), or the sparsest candidate within the quality target (else dense)."""
+    L = len(cands[0].levels)
+    dense = Candidate("dense", "dense", 0.0, [0] * L)
+    if opts.sparsity is not None or opts.max_quality_loss is None:
+        return next((c for c in cands if c.allocation in (opts.allocation, "dense")), cands[0])
+    ok = [c for c in cands if c.allocation in (opts.allocation, "dense") and quality is not None
+          and quality.passes(c, opts)]
+    return max(ok, key=lambda c: c.mean_level(quality.stats), default=dense)
+
+
+def selection_report(cands: list[Candidate], quality: Quality | None, chosen: Candidate, opts) -> dict:
+    out = {"max_quality_loss": opts.max_quality_loss, "min_agreement": opts.min_agreement,
+           "allocation": opts.allocation, "chosen": chosen.name, "candidates": []}
+    if quality is None:
+        return out
+    out["domains"] = quality.domains
+    out["dense"] = {d: quality.domain_result("dense", d, None).perplexity for d in quality.domains}
+    for c in cands:
+        run = quality.run_of(c)
+        row = {"name": c.name, "allocation": c.allocation, "target": c.target,
+               "sparsity": c.mean_level(quality.stats),
+               "layer_sparsity": [s.levels[j] for s, j in zip(quality.stats.layers, c.levels)],
+               "passed": quality.passes(c, opts) if opts.max_quality_loss is not None else None, "domains": {}}
+        for d in quality.domains:
+            r = quality.domain_result(run, d, None)
+            row["domains"][d] = {"perplexity": r.perplexity, "loss_percent": quality.loss(run, d),
+                                 "top1_agreement": r.top1_agreement, "kl_divergence": r.kl_divergence,
+                                 "sparsity_reached": r.counts.get("sparsity", 0.0)}
+        out["candidates"].append(row)
+    return out
