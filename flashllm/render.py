@@ -20,6 +20,12 @@ def stats_table(s) -> Table:
     table.add_row(f"{ms['io']:.1f}", f"{ms['memory']:.1f}", f"{ms['predictor']:.1f}", f"{ms['compute']:.1f}",
                   f"{ms['total']:.1f}", f"{per_token_mb:.1f}", f"{s.tokens_per_s:.2f}", f"{100 * s.cache_hit_rate:.1f}%",
                   f"{s.peak_rss_bytes / 1e6:.0f} / {(s.budget_bytes + s.overhead_bytes) / 1e6:.0f} MB")
+    if s.sparsity_bands:  # per band of layers: what the engine skipped, next to what calibration promised
+        table.caption = "sparsity by layers: " + ", ".join(
+            f"{b['layers'][0]}-{b['layers'][1]} {100 * b['realized']:.1f}%"
+            + (f" (calibrated {100 * b['calibrated']:.1f}%)" if b["calibrated"] is not None else "")
+            for b in s.sparsity_bands)
+        table.caption_justify = "left"
     return table
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,10 +41,12 @@ def kernel_form(layout: RecordLayout) -> bool:
 
 @dataclass
 class FlashCounters:
-    """Neurons the FFN needed and how many of them the caches already held."""
+    """Neurons the FFN needed and how many of them the caches already held; `layer_needed`: the needed
+    ones per layer (int64 [L]), for the realized sparsity per band of layers (stats.sparsity_bands)."""
 
     needed: int = 0
     hit: int = 0
+    layer_needed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class FlashFFN:
@@ -81,7 +83,7 @@ class FlashFFN:
         self.stream_stores = (PackedInt4(SCRATCH_ROWS, spec.d), PackedInt4(SCRATCH_ROWS, spec.d)) \
             if any(p is not None for p in self.packed) else None
         self.times = TokenTimes()
-        self.counters = FlashCounters()
+        self.counters = FlashCounters(layer_needed=np.zeros(len(layouts), dtype=np.int64))
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
         self._estimate: torch.Tensor | None = None  # estimate_gate_up: this layer's a~ [T, n_ff]
         self._prompt = False  # this pass is a prompt's prefill: every neuron (sparsity.reference.PROMPT_DENSE_NOTE)
@@ -128,6 +130,7 @@ class FlashFFN:
         hits, missing = cache.lookup(needed)
         insert = cache.admit(missing)
         self.counters.needed += len(needed)
+        self.counters.layer_needed[layer] += len(needed)
         self.counters.hit += len(hits)
         t2 = time.perf_counter()
         self.times.memory += t2 - t1

@@ -17,7 +17,7 @@ from flashllm.engine.budget import BudgetPlan, plan_budget
 from flashllm.engine.cache import POLICIES, NeuronCache
 from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN, kernel_form
 from flashllm.engine.generate import GenerationStats, SamplingSettings, generate
-from flashllm.engine.stats import FlashStats
+from flashllm.engine.stats import FlashStats, sparsity_bands
 from flashllm.errors import FlashLLMError
 from flashllm.models import packed
 from flashllm.models.layers import KVCache
@@ -183,6 +183,12 @@ class FlashModel:
             else [0.0] * L
         if len(self.thresholds) != L:
             raise FlashLLMError(f"{len(self.thresholds)} activation thresholds for a model of {L} layers")
+        # what calibration promised per layer: the share of neurons its thresholds dropped on the calibration
+        # text (one figure for every layer without "layer_sparsity"); none when dense or the thresholds are
+        # the caller's
+        self.calibrated: list[float] | None = None
+        if psettings is not None and self.mode != "dense" and thresholds is None:
+            self.calibrated = [float(v) for v in psettings.get("layer_sparsity") or [psettings["sparsity"]] * L]
         capacities = self.plan.capacities
         if self.kernel_form:  # the stores pad their slots to a multiple of 64 rows: out of each cache's share
             capacities = [packed.capacity_within(cap, per_neuron, 2 * packed.row_bytes(self.spec.d)) for cap in capacities]
@@ -263,12 +269,14 @@ class FlashModel:
         t, totals = self.ffn.times, self.reader.totals
         return {"io": t.io, "memory": t.memory, "predictor": t.predictor, "ffn": t.ffn_compute,
                 "read": totals.bytes_read, "useful": totals.bytes_useful, "requests": totals.requests,
-                "needed": self.ffn.counters.needed, "hit": self.ffn.counters.hit}
+                "needed": self.ffn.counters.needed, "hit": self.ffn.counters.hit,
+                "layer_needed": self.ffn.counters.layer_needed.copy()}
 
     def _finish(self, stats: FlashStats, gen: GenerationStats, marks: dict | None, kernel0: int | None) -> None:
         now = self.marks()
         steps = len(gen.step_seconds)
-        delta = {k: now[k] - marks[k] for k in now} if marks else {k: 0 for k in now}
+        # no decode step: a zero of each counter's kind (the per-layer counts an array of zeros)
+        delta = {k: now[k] - marks[k] for k in now} if marks else {k: now[k] * 0 for k in now}
         total = gen.decode_seconds
         kernel1 = kernel_read_bytes()
         per = (lambda seconds: 1000 * seconds / steps) if steps else (lambda seconds: 0.0)
@@ -286,6 +294,7 @@ class FlashModel:
         stats.tokens_per_s = steps / total if total else 0.0
         n_ff, L = self.spec.n_ff, self.bundle.config.num_hidden_layers
         stats.sparsity = 1 - delta["needed"] / (steps * n_ff * L) if steps else 0.0
+        stats.sparsity_bands = sparsity_bands(delta["layer_needed"].tolist(), steps, n_ff, self.calibrated)
         stats.window, stats.policy, stats.mode = self.settings.window, self.settings.policy, self.mode
         stats.gate_up, stats.kernel_cache = self.gate_up, self.kernel_form
         stats.cache_share = self.plan.cache_share

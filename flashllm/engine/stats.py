@@ -32,6 +32,7 @@ class FlashStats:
     tokens_per_s: float = 0.0
     cache_hit_rate: float = 0.0
     sparsity: float = 0.0
+    sparsity_bands: list[dict] = field(default_factory=list)  # see sparsity_bands()
     window: int = 0
     policy: str = ""
     mode: str = ""
@@ -50,3 +51,26 @@ class FlashStats:
         d.pop("step_ms")
         d["bytes_read_per_token"] = self.bytes_read_per_token
         return d
+
+
+def layer_bands(layers: int) -> list[tuple[int, int]]:
+    """The layers split into three contiguous bands, the first, middle and last third, as (first, last)
+    layers: band i starts at layer i * L // 3 (L = 30: 0-9, 10-19, 20-29; L = 32: 0-9, 10-20, 21-31).
+    A model of fewer than 3 layers has one band per layer."""
+    starts = [i * layers // 3 for i in range(4)]
+    return [(lo, hi - 1) for lo, hi in zip(starts, starts[1:]) if hi > lo]
+
+
+def sparsity_bands(needed: list[int], tokens: int, n_ff: int, calibrated: list[float] | None) -> list[dict]:
+    """Per band of layers (layer_bands): the sparsity calibration promised, the mean of its layers'
+    shares of neurons dropped on the calibration text (None: no promise, dense mode), next to the
+    sparsity realized over `tokens` decode tokens, 1 - needed / (tokens * n_ff * layers in the band).
+    needed: per layer, the neurons the engine needed (read and computed over) in those tokens."""
+    out = []
+    for first, last in layer_bands(len(needed)):
+        count = last - first + 1
+        promise = sum(calibrated[first:last + 1]) / count if calibrated is not None else None
+        used = int(sum(needed[first:last + 1]))
+        out.append({"layers": [first, last], "calibrated": promise,
+                    "realized": 1 - used / (tokens * n_ff * count) if tokens else 0.0})
+    return out

@@ -1,7 +1,7 @@
 """predictors.json as a table of fields, checked against the bundle it sits in before anything is loaded:
-one threshold (and rank, and window count) per layer of this bundle, finite numbers, a group size the
-int4 kernel takes, and tensors in predictors.safetensors of the shapes this bundle's FFN implies. A
-foreign model's predictors (another layer count or FFN width) are refused in one line."""
+one threshold (and rank, window count and calibrated sparsity) per layer of this bundle, finite numbers,
+a group size the int4 kernel takes, and tensors in predictors.safetensors of the shapes this bundle's FFN
+implies. A foreign model's predictors (another layer count or FFN width) are refused in one line."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ CUTS = List(Number(), **PER_LAYER)  # decision cuts on a logit: any finite numbe
 THRESHOLDS = List(Number(low=0), **PER_LAYER)  # activation thresholds on |a|
 PREDICTORS = Dict({
     "sparsity": Number(low=0, below=1),
+    "layer_sparsity": List(Number(low=0, high=1), required=False, null=True, **PER_LAYER),  # calibrated, per layer
     "activation_thresholds": THRESHOLDS,
     "decision_thresholds": CUTS,
     "ranks": List(Int(0), **PER_LAYER),
