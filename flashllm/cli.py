@@ -349,7 +349,7 @@ def train_predictor(
     eval_tokens: int = typer.Option(3_072, min=0, help="Held-out tokens, shared by the domains, on which each candidate sparsity is scored (0: skip; needs --sparsity)."),
     max_quality_loss: Optional[float] = typer.Option(None, "--max-quality-loss", help="Quality target (the default, 1.0): the sparsest allocation whose perplexity is within this percent of dense on every held-out domain. 0 keeps the model dense."),
     min_agreement: float = typer.Option(0.95, "--min-agreement", help="With the quality target: top-1 agreement with dense required on every held-out domain."),
-    allocation: str = typer.Option("greedy", help="greedy (each layer's sparsity where it costs least) or uniform (the same in every layer)."),
+    allocation: str = typer.Option("best", help="best (score both below, keep the sparsest within the target), greedy (each layer's sparsity where its FFN output error grows least) or uniform (the same in every layer)."),
     compare_uniform: bool = typer.Option(False, "--compare-uniform", help="Also score uniform allocations at the same mean sparsities (reported, not chosen)."),
     kind: Optional[str] = typer.Option(None, help="int4 (the layer's gate/up in 4 bits; default for gated FFNs) or lowrank (trained; default for ReLU)."),
     group: Optional[int] = typer.Option(None, help="int4: values per scale and zero, 32 (default), 64 or 128: larger groups cost less DRAM and predict less sharply."),

@@ -27,7 +27,7 @@ def bundle(tmp_path_factory):
     tiny_tokenizer(source, 300)
     out = root / "bundle"
     convert(source, out, dtype="float32")
-    train_predictors(out, tokens=2048, eval_tokens=0, context=128, recall=0.8)  # int4 gate/up, the default
+    train_predictors(out, tokens=2048, eval_tokens=0, context=128, recall=0.8, sparsity=0.5)  # int4 gate/up, the default
     return out
 
 

@@ -360,7 +360,7 @@ def test_ctrl_c_during_train_predictor(tiny_bundle):
     def ready(proc, out, err):
         return cpu_seconds(proc.pid) >= startup_cpu + 1.0
 
-    r = interrupt(["train-predictor", tiny_bundle, "--tokens", "200000", "--eval-tokens", "0"], ready)
+    r = interrupt(["train-predictor", tiny_bundle, "--tokens", "200000", "--eval-tokens", "0", "--sparsity", "0.5"], ready)
     assert_interrupted(r)
     assert r.before == "" and r.stderr.strip() == "interrupted", r.stderr
     assert verify(tiny_bundle) == []

@@ -28,7 +28,7 @@ DEFAULT_SPARSITY = 0.5  # of --kind lowrank on a gated FFN (trained against one 
 DEFAULT_QUALITY_LOSS = 1.0  # percent perplexity over dense on every held-out domain: the default target
 DEFAULT_MIN_AGREEMENT = 0.95  # top-1 agreement with dense on every held-out domain
 DEFAULT_CORPUS = "builtin:all"  # docs, code and chat interleaved; held-out splits scored per domain
-ALLOCATIONS = ("greedy", "uniform")
+ALLOCATIONS = ("best", "greedy", "uniform")  # best: score both, keep the sparsest within the target
 DEFAULT_RECALL = 0.99
 DEFAULT_TOKENS = 8_192  # int4: the quantiles and cuts need no more
 DEFAULT_LOWRANK_TOKENS = 24_576  # a trained predictor does
@@ -249,7 +249,7 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                      eval_tokens: int = DEFAULT_EVAL_TOKENS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
                      progress: Progress | None = None, kind: str | None = None, group: int | None = None,
                      max_quality_loss: float | None = None, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                     allocation: str = "greedy", compare_uniform: bool = False,
+                     allocation: str = "best", compare_uniform: bool = False,
                      dram_budget: str | int | None = None) -> TrainResult:
     """Calibrate thresholds, build one predictor per layer, choose the sparsity of each layer, measure
     the result on held-out text of every domain, and save the predictors into the bundle.
@@ -293,7 +293,8 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
     n_val = max(1, int(len(train_ids) * VALIDATION_SHARE))
     groups = {"train": _sequences(train_ids[:-n_val], context, bos), "val": _sequences(train_ids[-n_val:], context, bos)}
     levels = calibrate.levels_for(opts.sparsity, spec.gated)
-    runs = 1 + (1 + opts.compare_uniform) * (1 if opts.sparsity is not None else len(calibrate.LADDER))
+    kinds = 2 if opts.allocation == "best" or opts.compare_uniform else 1
+    runs = 1 + kinds * (1 if opts.sparsity is not None else len(calibrate.LADDER))
     memory = calibrate.Memory(b, dram_budget, sum(len(s) for seqs in groups.values() for s in seqs), heldout,
                               context, n_val, runs)
     with PredictorWriter(b.folder) as writer:
