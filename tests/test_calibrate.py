@@ -59,6 +59,8 @@ def test_quality_target_chooses_the_sparsest_candidate_within_it(tmp_path):
                              compare_uniform=True, **TINY)
     sel = loose.report["selection"]
     assert set(sel["domains"]) == {"docs", "code", "chat"}  # the default corpus: every domain, scored apart
+    default = train_predictors(bundle, max_quality_loss=100.0, min_agreement=0.0, **TINY).report["selection"]
+    assert [c["name"] for c in default["candidates"]] == ["uniform 0.2", "uniform 0.3", "uniform 0.4", "uniform 0.5"]
     names = [c["name"] for c in sel["candidates"]]
     assert names == ["greedy 0.2", "uniform 0.2", "greedy 0.3", "uniform 0.3", "greedy 0.4", "uniform 0.4",
                      "greedy 0.5", "uniform 0.5"]
@@ -68,7 +70,7 @@ def test_quality_target_chooses_the_sparsest_candidate_within_it(tmp_path):
 
     worst = lambda c: max(v["loss_percent"] for v in c["domains"].values())  # noqa: E731
     target = sorted(worst(c) for c in sel["candidates"])[2] + 1e-6  # between candidates' worst-domain losses
-    tight = train_predictors(bundle, max_quality_loss=target, min_agreement=0.0, **TINY)  # best: either kind
+    tight = train_predictors(bundle, max_quality_loss=target, min_agreement=0.0, allocation="best", **TINY)
     sel = tight.report["selection"]
     assert {c["allocation"] for c in sel["candidates"]} == {"greedy", "uniform"}
     passed = [c for c in sel["candidates"] if c["passed"]]

@@ -28,7 +28,7 @@ DEFAULT_SPARSITY = 0.5  # of --kind lowrank on a gated FFN (trained against one 
 DEFAULT_QUALITY_LOSS = 1.0  # percent perplexity over dense on every held-out domain: the default target
 DEFAULT_MIN_AGREEMENT = 0.95  # top-1 agreement with dense on every held-out domain
 DEFAULT_CORPUS = "builtin:all"  # docs, code and chat interleaved; held-out splits scored per domain
-ALLOCATIONS = ("best", "greedy", "uniform")  # best: score both, keep the sparsest within the target
+ALLOCATIONS = ("uniform", "greedy", "best")  # best: score both, keep the sparsest within the target
 DEFAULT_RECALL = 0.99
 DEFAULT_TOKENS = 8_192  # int4: the quantiles and cuts need no more
 DEFAULT_LOWRANK_TOKENS = 24_576  # a trained predictor does
@@ -249,7 +249,7 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
                      eval_tokens: int = DEFAULT_EVAL_TOKENS, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
                      progress: Progress | None = None, kind: str | None = None, group: int | None = None,
                      max_quality_loss: float | None = None, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                     allocation: str = "best", compare_uniform: bool = False,
+                     allocation: str = "uniform", compare_uniform: bool = False,
                      dram_budget: str | int | None = None) -> TrainResult:
     """Calibrate thresholds, build one predictor per layer, choose the sparsity of each layer, measure
     the result on held-out text of every domain, and save the predictors into the bundle.
