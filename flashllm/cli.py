@@ -210,7 +210,6 @@ def _bundle_for(model: str) -> Path:
     raise FlashLLMError(f"{model}: not a bundle")
 
 
-
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="A Hugging Face folder, a GGUF file or a known model name."),
@@ -339,7 +338,6 @@ def bench(
                                 f"{', '.join(failed)} (see the notes above)")
 
 
-
 @app.command("train-predictor")
 def train_predictor(
     ctx: typer.Context,
@@ -366,20 +364,17 @@ def train_predictor(
     """Calibrate activation thresholds, choose each layer's sparsity for a quality target, and build the per-layer activation predictors (4-bit gate/up or low-rank)."""
     with user_errors():
         p, _ = _with_config(ctx, config, "train", flash=False)
-        names = ("corpus", "tokens", "eval_tokens", "kind", "group", "rank", "last_rank", "sparsity", "recall", "epochs",
-                 "context", "seed", "max_quality_loss", "min_agreement", "allocation", "compare_uniform", "dram_budget")
-        args = {k: p[k] for k in names}
+        args = {k: v for k, v in p.items() if k not in ("ctx", "bundle", "config")}
         from flashllm.measure.inputs import check_context
         from flashllm.sparsity.train import DEFAULT_CONTEXT, train_predictors
 
         args["context"] = check_context(bundle, args["context"], bundle_only=True, default=DEFAULT_CONTEXT)
         with _progress("training") as bar:
             result = train_predictors(bundle, progress=bar, **args)
-        console.print(render.predictor_table(result.report))
-        console.print(render.selection_table(result.report))
+        for out in (render.predictor_table(result.report), render.selection_table(result.report)):
+            console.print(out)
         console.print(render.calibration_memory(result.report), highlight=False)
         console.print(f"predictors written into {result.folder} in {result.seconds:.0f} s", highlight=False)
-
 
 
 @app.command()
@@ -429,7 +424,6 @@ def perplexity(
                        f"{r.context}){extra}")
             for note in r.notes:
                 console.print(f"[dim]{note}[/]", highlight=False)
-
 
 
 def _progress(label: str):

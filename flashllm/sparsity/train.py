@@ -5,23 +5,22 @@ weights, predictor, inputs and active sets are in memory at a time."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from flashllm.bundle.reader import Bundle, is_bundle
 from flashllm.corpus import load_corpus
 from flashllm.errors import FlashLLMError
 from flashllm.models.ffn import FFNSpec
 from flashllm.models.quant import GROUP_SIZES
-from flashllm.sparsity import calibrate
-from flashllm.sparsity.predictors import (FORMAT, FORMAT_VERSION, KINDS, LayerPredictor, PredictorWriter, Predictors,
-                                          load_predictors)
-from flashllm.sparsity.thresholds import THRESHOLD_GRID, WINDOW_K, Progress, window_distinct
+from flashllm.sparsity import calibrate, scoring
+from flashllm.sparsity.lowrank import (ALL_LOGIT, ALWAYS_ACTIVE, DEFAULT_EPOCHS, DEFAULT_RECALL,  # noqa: F401
+                                       RECALL_GRID, LayerFit, decision_threshold, train_layer)
+from flashllm.sparsity.predictors import FORMAT, FORMAT_VERSION, KINDS, PredictorWriter, Predictors, load_predictors
+from flashllm.sparsity.thresholds import THRESHOLD_GRID, WINDOW_K, Progress
 from flashllm.tokenizer import Tokenizer
 
 DEFAULT_SPARSITY = 0.5  # of --kind lowrank on a gated FFN (trained against one threshold per layer)
@@ -29,114 +28,13 @@ DEFAULT_QUALITY_LOSS = 1.0  # percent perplexity over dense on every held-out do
 DEFAULT_MIN_AGREEMENT = 0.95  # top-1 agreement with dense on every held-out domain
 DEFAULT_CORPUS = "builtin:all"  # docs, code and chat interleaved; held-out splits scored per domain
 ALLOCATIONS = ("uniform", "greedy", "best")  # best: score both, keep the sparsest within the target
-DEFAULT_RECALL = 0.99
 DEFAULT_TOKENS = 8_192  # int4: the quantiles and cuts need no more
 DEFAULT_LOWRANK_TOKENS = 24_576  # a trained predictor does
 MIN_TRAIN_TOKENS = 64
 DEFAULT_EVAL_TOKENS = 3_072  # shared by the held-out domains
 DEFAULT_CONTEXT = 512
-DEFAULT_EPOCHS = 3
 LAST_LAYERS = 4  # the paper gives the last layers a larger rank
 VALIDATION_SHARE = 0.1  # of the training tokens, for the decision thresholds
-RECALL_GRID = [0.8, 0.9, 0.95, 0.98, 0.99, 0.995]  # decision cuts stored for each, chosen at run time
-MAGNITUDE_CLIP = 10.0  # a positive weighs at most this many times more in the loss
-PIN_FACTOR = 50.0  # a neuron is pinned when the predictor misses a coefficient 50x the median active one
-PIN_LOGIT = 1000.0  # the bias of a pinned neuron: above any decision cut, exact in float16
-ALWAYS_ACTIVE = 0.999  # a layer whose neurons are active this often gets an all-on predictor
-ALL_LOGIT = -1e30  # a decision cut below any logit: every neuron predicted
-
-
-
-@dataclass
-class LayerFit:
-    predictor: LayerPredictor  # float32, values exactly representable in float16 (what is saved)
-    decision_threshold: float
-    decision_table: dict[str, float]  # recall target -> logit cut, tuned on the validation slice
-    pinned: list[int]  # neurons always predicted (large coefficients the predictor missed)
-    seconds: float
-    val_recall: float
-
-
-def train_layer(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, rank: int,
-                recall: float = DEFAULT_RECALL, epochs: int = DEFAULT_EPOCHS, batch: int = 1024,
-                lr: float = 2e-2, seed: int = 0, magnitude: torch.Tensor | None = None) -> LayerFit:
-    """Fit Linear(d->r) -> Linear(r->n_ff) to y = active set of x, then pick the logit cut that reaches
-    `recall` on (x_val, y_val). x: [N, d] float, y: [N, n_ff] bool.
-
-    magnitude ([N, n_ff], |a| over the median active |a|), when given, weighs each positive by its
-    size (clipped to 1..MAGNITUDE_CLIP) since a missed large coefficient costs more than a small one,
-    and pins the few neurons whose missed coefficients are huge (the massive activations of the first
-    token of a sequence): they are always predicted, at the cost of reading a handful of neurons."""
-    start = time.perf_counter()
-    d, n_ff = x.shape[1], y.shape[1]
-    positive = y.float().mean(0)  # [n_ff] per-neuron rate
-    rate = float(positive.mean())
-    if rate >= ALWAYS_ACTIVE or rate <= 0.0:  # (almost) always / never active: a constant predictor
-        # (t = 0 on a gated FFN drops only exact zeros; predicting all keeps that exactly dense)
-        predictor = LayerPredictor(torch.zeros(rank, d), torch.zeros(n_ff, rank),
-                                   torch.full((n_ff,), 1.0 if rate >= ALWAYS_ACTIVE else -1.0))
-        return LayerFit(predictor, 0.0, {f"{r:g}": 0.0 for r in sorted({*RECALL_GRID, recall})}, [],
-                         time.perf_counter() - start, 1.0)
-    g = torch.Generator().manual_seed(seed)
-    w_in = (torch.randn(rank, d, generator=g) / math.sqrt(d)).requires_grad_()
-    w_out = (torch.randn(n_ff, rank, generator=g) / math.sqrt(rank) * 0.1).requires_grad_()
-    b_out = torch.logit(positive.clamp(1e-3, 1 - 1e-3)).requires_grad_()  # start from each neuron's base rate
-    balance = (1 - rate) / rate  # positives and negatives weigh the same in the loss
-    opt = torch.optim.Adam([w_in, w_out, b_out], lr=lr, foreach=True)
-    steps = epochs * max(1, -(-x.shape[0] // batch))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=g)
-        for i in range(0, x.shape[0], batch):
-            rows = order[i:i + batch]
-            target = y[rows].float()  # [B, n_ff]
-            size = magnitude[rows].clamp(1, MAGNITUDE_CLIP) if magnitude is not None else 1.0
-            weight = target * balance * size + (1 - target)
-            logits = F.linear(F.linear(x[rows], w_in), w_out, b_out)  # [B, n_ff]
-            loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-    with torch.no_grad():  # round to what will be stored, then tune the cut on those very weights
-        predictor = LayerPredictor(*(t.detach().to(torch.float16).float() for t in (w_in, w_out, b_out)))
-        val_logits = predictor.logits(x_val)
-        threshold = decision_threshold(val_logits, y_val, recall)
-        pinned = []
-        if magnitude is not None:
-            missed = y & (_batched_logits(predictor, x) < threshold)  # [N, n_ff]
-            worst = (magnitude * missed).amax(0)  # [n_ff] largest missed coefficient per neuron
-            candidates = torch.nonzero(worst > PIN_FACTOR).flatten()
-            pinned = candidates[worst[candidates].argsort(descending=True)][:max(1, n_ff // 100)].tolist()
-            predictor.w_out[pinned] = 0.0
-            predictor.b_out[pinned] = PIN_LOGIT
-            val_logits = predictor.logits(x_val)
-        threshold, table, val_recall = _decision_cuts(val_logits, y_val, recall)
-    return LayerFit(predictor, threshold, table, sorted(pinned), time.perf_counter() - start, val_recall)
-
-
-def _decision_cuts(val_logits: torch.Tensor, y_val: torch.Tensor, recall: float) -> tuple[float, dict, float]:
-    """The cut for `recall`, the cuts for every recall in RECALL_GRID, and the recall reached on y_val."""
-    table = {f"{r:g}": decision_threshold(val_logits, y_val, r) for r in sorted({*RECALL_GRID, recall})}
-    threshold = decision_threshold(val_logits, y_val, recall)
-    val_recall = float(((val_logits >= threshold) & y_val).sum() / y_val.sum().clamp(min=1))
-    return threshold, table, val_recall
-
-
-def _batched_logits(predictor: LayerPredictor, x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    return torch.cat([predictor.logits(x[i:i + rows]) for i in range(0, x.shape[0], rows)])
-
-
-def decision_threshold(logits: torch.Tensor, y: torch.Tensor, recall: float) -> float:
-    """The largest logit cut c with recall(logits >= c) >= `recall` on these labels."""
-    positives = logits[y]
-    if positives.numel() == 0:
-        return float(logits.max()) + 1.0 if logits.numel() else 0.0
-    k = int(math.floor(positives.numel() * (1 - recall))) + 1  # positives below the cut: at most k - 1
-    return float(torch.kthvalue(positives.float(), min(k, positives.numel())).values)
-
-
-
 @dataclass
 class TrainResult:
     folder: Path
@@ -300,9 +198,9 @@ def train_predictors(bundle: Path, corpus: str | Path | None = None, tokens: int
     with PredictorWriter(b.folder) as writer:
         stats = calibrate.calibration_pass(b, groups, levels, opts, ranks, epochs, seed, group, writer, progress)
         candidates = calibrate.candidates(stats, opts, L)
-        quality = calibrate.evaluation_pass(b, heldout, candidates, stats, opts, group, progress) \
+        quality = scoring.evaluation_pass(b, heldout, candidates, stats, opts, group, progress) \
             if heldout else None
-        chosen = calibrate.choose(candidates, quality, opts)
+        chosen = scoring.choose(candidates, quality, opts)
         settings, report = _settings_and_report(b, text, stats, chosen, candidates, quality, opts, ranks,
                                                 len(train_ids), n_val, context, memory)
         report["overall"]["total_seconds"] = time.perf_counter() - start
@@ -348,21 +246,9 @@ def _settings_and_report(b: Bundle, text, stats, chosen, candidates, quality, op
     }
     report = {"layers": rows, "overall": _overall(rows, stats, b.manifest["sizes"]["total_bytes"])}
     report["quality"] = quality.summary(chosen) if quality else None
-    report["selection"] = calibrate.selection_report(candidates, quality, chosen, opts)
+    report["selection"] = scoring.selection_report(candidates, quality, chosen, opts)
     report["memory"] = memory.report()
     return settings, report
-
-
-def _mean_window(masks: list[torch.Tensor]) -> list[float]:
-    """Per-K mean of distinct counts over sequences, weighted by the windows each sequence has."""
-    sums, counts = [0.0] * len(WINDOW_K), [0] * len(WINDOW_K)
-    for m in masks:
-        for j, (k, v) in enumerate(zip(WINDOW_K, window_distinct(m))):
-            n = m.shape[0] - k + 1
-            if n > 0:
-                sums[j] += v * n
-                counts[j] += n
-    return [s / c if c else float("nan") for s, c in zip(sums, counts)]
 
 
 def _overall(rows: list[dict], stats, model_bytes: int) -> dict:
