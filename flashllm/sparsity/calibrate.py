@@ -47,6 +47,7 @@ LADDER = (0.2, 0.3, 0.4, 0.5)  # mean sparsities tried for a quality target, eac
 ERROR_TOKENS = 256  # training tokens per layer on which each level's output error is measured
 CUT_SAMPLE = 1 << 18  # validation coefficients per layer the decision cuts are tuned on
 SAMPLE = 1 << 20  # |a| values per layer the level quantiles are taken from
+VAL_TOKENS = 256  # validation tokens the decision cuts and counts are taken on, per layer
 WINDOW_TOKENS = 256  # validation tokens the window statistics are counted on, per level
 SCORE_ROWS = 16  # positions whose logits are computed at once at the end (vocab x 16 floats, a few times)
 MIN_EVAL_TOKENS = 16
@@ -167,12 +168,13 @@ class Memory:
         head_name = _head_name(b)
         head = size.get(head_name, 0) * float_factor
         attention = sum(v for k, v in size.items() if k not in HEAD_NAMES) * float_factor
-        # a layer's records as read (file bytes, a copy, the record matrix) and its predictor (two forms)
-        layer = b.manifest["sizes"]["ffn_bytes"] // L * (5 if b.quantized else 3 * float_factor)
+        # a layer's records (while read: the file's bytes and a copy of a region too), then its predictor
+        # (the gate/up codes in two forms)
+        layer = b.manifest["sizes"]["ffn_bytes"] // L * (3 if b.quantized else 3 * float_factor)
         eval_tokens = sum(len(chunk) for chunks in heldout.values() for chunk in chunks)
         kv = L * context * c.num_key_value_heads * c.head_dim * 2 * 4
         sequence = context * n_ff * 4 * 5 + b.family.model.work_bytes_for(c, context, context)
-        val = n_val * (n_ff * 4 * 3 + d * 4) + CUT_SAMPLE * 4 * 3
+        val = min(n_val, VAL_TOKENS) * (n_ff * 4 * 5 + d * 4) + CUT_SAMPLE * 4 * 3
         errors = ERROR_TOKENS * n_ff * 4 * 6 + SAMPLE * 4 * 2
         work = Workspace.bytes_for(d) * 2
         calibration = calib_tokens * d * 4 + attention + kv + layer + sequence + val + errors
@@ -337,9 +339,11 @@ def calibration_pass(b, groups: dict[str, list[torch.Tensor]], levels: list[floa
                     x = model.ffn_input(layer, hi)  # [T, d]
                     a = coefficients(spec, x, ffn, work)  # [T, n_ff]
                     h[k][i] = hi + model.ffn_output(layer, ffn_sum(a, ffn, work))
-                    if k == "val":
-                        x_val.append(x)
-                        a_val.append(a)
+                    if k == "val":  # the cuts are tuned on CUT_SAMPLE values: VAL_TOKENS tokens hold enough
+                        keep = VAL_TOKENS - sum(len(v) for v in x_val)
+                        if keep > 0:
+                            x_val.append(x[:keep].clone())
+                            a_val.append(a[:keep].clone())
                         continue
                     samples.append(abs_sample(a, per_seq_sample, g))
                     # evenly spaced, past the first token (its massive activations are no typical token's)
