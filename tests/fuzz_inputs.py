@@ -518,7 +518,7 @@ NON_UTF8 = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # what Python mak
 def cli_cases() -> list[Case]:
     flash = ["generate", "{bundle}", "The", "-n", "2", "-b", "64MB", "--stats", "none"]
     dense = ["generate", "{bundle}", "The", "-n", "2", "--stats", "none"]
-    train = ["train-predictor", "{bundle}", "--tokens", "512", "--eval-tokens", "0", "--context", "32", "--sparsity", "0.5"]
+    train = ["train-predictor", "{bundle}", "--tokens", "512", "--eval-tokens", "0", "--sparsity", "0.5", "--context", "32"]
     ppl = ["perplexity", "{bundle}", "{text}", "--context", "16", "--max-tokens", "40"]
 
     def c(name, args, expect="error", *fragments):
