@@ -7,8 +7,8 @@ import torch
 
 from flashllm.engine.cache import NeuronCache
 from flashllm.models import packed
-from flashllm.models.packed import PackedInt4
-from flashllm.models.qrows import QRows, quantize_rows, to_int4_kernel
+from flashllm.models.packed import Int8Columns, PackedInt4
+from flashllm.models.qrows import QRows, dequantize_rows, quantize_rows, to_int4_kernel
 from flashllm.models.quant import kernel_available
 
 # skipped only where torch lacks the kernel: a writer that no longer matches torch's converter makes the
@@ -76,3 +76,31 @@ def test_the_store_follows_the_cache_through_evictions():
             rows = torch.from_numpy(cache.pointer[:used])
             held = QRows("int4", q.codes[rows], q.scales[rows], q.mins[rows])
             assert torch.equal(store.matmul(x, used), reference(held, x)), policy
+
+
+@pytest.mark.parametrize("tokens", [1, 2, packed.KERNEL_TOKENS + 1])
+def test_down_columns_follow_the_cache_and_sum_like_the_rows(tokens):
+    """Int8 down columns kept transposed for the int8 kernel: after every step of a cache (with evictions),
+    the sum over the used slots equals the expanded rows of the neurons the cache holds, within the
+    kernel's bfloat16 (passes of few tokens) or exactly (long passes, expanded); unused slots add nothing."""
+    rng = np.random.default_rng(tokens)
+    torch.manual_seed(tokens)
+    n, d = 300, 96
+    q = quantize_rows(torch.randn(n, d) * 0.05, "int8")
+    w = dequantize_rows(q)
+    for policy in ("lru", "window"):
+        cache = NeuronCache(n, 90, 0, policy=policy)
+        store = Int8Columns(90, d)
+        cache.companions = [store]
+        for _ in range(25):
+            needed = np.unique(rng.choice(n, size=rng.integers(1, 80), replace=False))
+            _, missing = cache.lookup(needed)
+            insert = cache.admit(missing)
+            store.write(cache.num_used, q[torch.from_numpy(insert)] if len(insert) else q[0:0])
+            cache.commit(insert)
+            used = cache.num_used
+            a = torch.randn(tokens, used)
+            reference = a @ w[torch.from_numpy(cache.pointer[:used])]
+            tolerance = 1e-5 if tokens > packed.KERNEL_TOKENS else 1e-2
+            assert float((store.combine(a) - reference).abs().max()) <= tolerance * float(reference.abs().max()), policy
+    assert store.nbytes == Int8Columns.bytes_for(90, d) == 128 * Int8Columns.column_bytes(d)

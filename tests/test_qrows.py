@@ -117,6 +117,28 @@ def test_int8_kernel_form():
     assert float((m.dequantize() - w).abs().max()) <= float(m.scales.max()) * 0.6 + 0.03
 
 
+@pytest.mark.parametrize("tokens", [1, 3, qrows.GROUPED_TOKENS + 1])
+def test_int8_groups_compute_the_rows_exactly_up_to_bfloat16(tokens):
+    """Int8Groups (the LM head's compute form) holds the same codes and scales as the rows: products within
+    bfloat16 of the expanded rows in the kernel, equal to them when expanded (long passes), rows taken
+    for an embedding lookup equal, and the same bytes as the rows."""
+    torch.manual_seed(tokens)
+    q = qrows.quantize_rows(torch.randn(300, 96) * 0.05, "int8")
+    m = qrows.Int8Groups(300, 96)
+    m.write(0, q[0:77])  # in pieces, as the bundle reader fills it
+    m.write(77, q[77:300])
+    w = qrows.dequantize_rows(q)
+    x = torch.randn(tokens, 96)
+    y, reference = m.matmul(x), x @ w.T
+    exact = tokens > qrows.GROUPED_TOKENS
+    assert float((y - reference).abs().max()) <= (1e-5 if exact else 1e-2) * float(reference.abs().max())
+    ids = torch.tensor([0, 299, 77, 76, 5])
+    assert torch.equal(qrows.take_rows(m, ids), w[ids])
+    assert m.codes.nbytes + m.scales.nbytes == q.nbytes
+    with pytest.raises(FlashLLMError):
+        m.write(0, qrows.quantize_rows(torch.randn(3, 96), "int4"))
+
+
 # -- GGUF blocks --------------------------------------------------------------------------------------
 
 def gguf_reference(raw: np.ndarray, qtype, k: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ from flashllm.bundle.writer import convert
 from flashllm.engine.flash_model import FlashModel, FlashSettings
 from flashllm.engine.generate import SamplingSettings, load_dense
 from flashllm.models import packed
-from flashllm.models.qrows import QRows, row_bytes
+from flashllm.models.qrows import Int8Groups, QRows, row_bytes
+from flashllm.sources.base import Source
 from flashllm.models.quant import Int4Matrix
 from tests.test_sparse import IDS, flash_logits
 from tests.tiny import tiny_llama, tiny_tokenizer
@@ -99,6 +100,47 @@ def test_kernel_form_caches_compute_like_expanded_records(quantized):
         list(flash.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False)))
         assert sum(cache.nbytes for cache in flash.caches) == caches  # nothing grows while generating
     assert max(flash.plan.capacities) < flash.spec.n_ff
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """What convert auto makes of a Q4 GGUF: int4 gate/up records, int8 down columns, an int8 LM head."""
+    root = tmp_path_factory.mktemp("mixed")
+    source = tiny_llama(root / "src", vocab_size=256)
+    tiny_tokenizer(source, 256)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Source, "precision_of", lambda self, name: "int8" if name == "lm_head.weight" else "int4")
+        convert(source, root / "bundle", dtype="auto")
+    return root / "bundle"
+
+
+def test_int8_down_columns_and_head_in_kernel_form(mixed, monkeypatch):
+    """int4 gate/up and int8 down cached in the kernels' forms, and the int8 LM head in groups for the int8
+    kernel: the numbers of the expanded records and rows up to bfloat16, whole cache or streamed, every
+    byte of the stores in the plan, nothing growing while generating."""
+    if not packed.available():
+        pytest.skip("kernel-form caches need torch's int4 kernel")
+    layout = Bundle(mixed).record_layout(0)
+    assert {p.name: p.kind for p in layout.parts} == {"gate": "int4", "up": "int4", "down": "int8"}
+    expanded = FlashModel.open(mixed, BIG, FlashSettings(mode="dense", kernel_cache=False), 32, 16)
+    assert isinstance(expanded.model.weights["lm_head.weight"], QRows)  # the vocabulary is below GROUPED_MIN_ROWS
+    reference = flash_logits(expanded)
+    monkeypatch.setattr("flashllm.engine.flash_model.GROUPED_MIN_ROWS", 64)
+    whole = FlashModel.open(mixed, BIG, FlashSettings(mode="dense"), 32, 16)
+    budget = whole.plan.fixed_bytes + whole.plan.record_bytes * 3 * 40  # caches smaller than the FFN
+    for flash in (whole, FlashModel.open(mixed, budget, FlashSettings(mode="dense"), 32, 16)):
+        assert flash.kernel_form and all(len(stores) == 3 for stores in flash.ffn.packed)
+        assert isinstance(flash.model.weights["lm_head.weight"], Int8Groups)
+        assert all(cache.matrix.shape[1] == 0 for cache in flash.caches)  # the down columns live in the stores
+        assert (flash_logits(flash) - reference).abs().max() < 2e-2 * float(reference.abs().max())
+        parts = flash.plan.parts
+        caches = sum(cache.nbytes for cache in flash.caches)
+        assert caches <= flash.plan.cache_bytes + parts["cache index"]
+        assert flash.ffn.nbytes <= parts["FFN work"]
+        tokens = list(flash.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False)))
+        assert sum(cache.nbytes for cache in flash.caches) == caches
+    assert max(flash.plan.capacities) < flash.spec.n_ff
+    assert tokens == list(whole.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False)))
 
 
 def test_quantized_bundle_needs_less_dram_than_float16(quantized, tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from flashllm.bundle.format import (FORMAT, MANIFEST, READABLE_VERSIONS, RECORD_PARTS, RESIDENT, RecordLayout,
                                     record_layout)
-from flashllm.models.qrows import QRows, dequantize_rows, from_records
+from flashllm.models.qrows import Int8Groups, QRows, dequantize_rows, from_records
 from flashllm.bundle.schema import load_manifest
 from flashllm.disk.reader import RecordRegion
 from flashllm.errors import FlashLLMError
@@ -69,18 +69,32 @@ class Bundle:
         except (OSError, ValueError) as e:
             raise FlashLLMError(f"{path}: unreadable resident weights ({e}); run `flashllm verify`") from None
 
-    def resident_tensors(self, skip: tuple[str, ...] = (), expand: bool = False):
+    def resident_tensors(self, skip: tuple[str, ...] = (), expand: bool = False, grouped_rows: int | None = None):
         """(name, tensor or QRows) read with pread, so no memory map's pages linger in our resident set;
-        a quantized tensor comes as QRows viewing its records (expanded to float32 with `expand`)."""
+        a quantized tensor comes as QRows viewing its records (expanded to float32 with `expand`). int8
+        matrices of at least `grouped_rows` rows (the LM head) come as Int8Groups, their compute form,
+        read a block of rows at a time (never a second whole copy)."""
         path = self.folder / RESIDENT
         header, data_start = self._resident_header()
         for name, entry in header.items():
             if name != "__metadata__" and name not in skip:
+                if grouped_rows is not None and not expand and self.kinds.get(name) == "int8" and \
+                        entry["shape"][0] >= grouped_rows:
+                    yield name, self._grouped(tensor_loader(path, data_start, name, entry), name, entry["shape"][0])
+                    continue
                 tensor = tensor_loader(path, data_start, name, entry)(None)
                 if name in self.kinds:
                     tensor = self._as_rows(name, tensor)
                     tensor = dequantize_rows(tensor) if expand else tensor
                 yield name, tensor
+
+    def _grouped(self, load, name: str, n: int, block: int = 4096) -> Int8Groups:
+        m = Int8Groups(n, self.config.expected_shapes()[name][1])
+        rows = None
+        for start in range(0, n, block):
+            rows = load(slice(start, min(start + block, n)), out=rows)
+            m.write(start, self._as_rows(name, rows))
+        return m
 
     def _as_rows(self, name: str, records: torch.Tensor) -> QRows:
         return from_records(records, self.kinds[name], self.config.expected_shapes()[name][1])

@@ -21,7 +21,7 @@ from flashllm.engine.cache import NeuronCache
 from flashllm.engine.stats import TokenTimes
 from flashllm.models.ffn import COMPUTE_ROWS, FFNSpec, activate, active_mask, ffn_over_rows, neuron_coefficients
 from flashllm.models import packed
-from flashllm.models.packed import PackedInt4
+from flashllm.models.packed import Int8Columns, PackedInt4
 from flashllm.models.qrows import Workspace, combine, dequantize_rows, from_records
 from flashllm.sparsity.predictors import Predictors
 
@@ -37,6 +37,12 @@ def kernel_form(layout: RecordLayout) -> bool:
     kinds = {p.name: p.kind for p in layout.parts}
     return kinds.get("gate") == kinds.get("up") == "int4" and "down" in kinds and "up_bias" not in kinds \
         and packed.available()
+
+
+def down_columns(layout: RecordLayout) -> bool:
+    """Whether a kernel-form layer keeps its down columns in the int8 kernel's form too (int8 down
+    records, as convert auto makes them from a quantized GGUF): flashllm.models.packed.Int8Columns."""
+    return {p.name: p.kind for p in layout.parts}.get("down") == "int8"
 
 
 @dataclass
@@ -55,14 +61,16 @@ class FlashFFN:
     mode: "dense" (every neuron), "oracle" (the true |a| > t set, from resident gate/up), "predictor".
     estimate_gate_up: gate/up come from the 4-bit predictors (the split layout's down region is read).
     packed: per layer None, or the (gate, up) stores of its cache in the int4 kernel's layout
-    (flashllm.models.packed): records read go through the scratch rows, gate/up into the stores and the
-    down column into the cache row, and the cached neurons' gate/up products are one kernel call each.
+    (flashllm.models.packed), plus with int8 down records its down columns in the int8 kernel's form
+    (gate, up, down): records read go through the scratch rows into the stores (the down column into the
+    cache row when there is no down store), the cached neurons' gate/up products are one kernel call
+    each, and their down sum one call per group of 32 output values.
     """
 
     def __init__(self, spec: FFNSpec, layouts: list[RecordLayout], caches: list[NeuronCache], reader: FlashReader,
                  mode: str, thresholds: list[float], predictors: Predictors | None = None,
                  oracle_weights: list[dict] | None = None, estimate_gate_up: bool = False,
-                 work: Workspace | None = None, packed: list[tuple[PackedInt4, PackedInt4] | None] | None = None):
+                 work: Workspace | None = None, packed: list[tuple | None] | None = None):
         self.spec, self.layouts, self.caches, self.reader = spec, layouts, caches, reader
         self.mode, self.thresholds = mode, list(thresholds)
         self.predictors, self.oracle_weights = predictors, oracle_weights
@@ -80,8 +88,11 @@ class FlashFFN:
         self.work = work
         self.packed = packed or [None] * len(layouts)
         # records streamed past a kernel-form cache take the same kernel path, through two scratch stores
-        self.stream_stores = (PackedInt4(SCRATCH_ROWS, spec.d), PackedInt4(SCRATCH_ROWS, spec.d)) \
-            if any(p is not None for p in self.packed) else None
+        self.stream_stores = None
+        if any(p is not None for p in self.packed):
+            self.stream_stores = (PackedInt4(SCRATCH_ROWS, spec.d), PackedInt4(SCRATCH_ROWS, spec.d))
+            if any(p is not None and len(p) > 2 for p in self.packed):
+                self.stream_stores += (Int8Columns(SCRATCH_ROWS, spec.d),)
         self.times = TokenTimes()
         self.counters = FlashCounters(layer_needed=np.zeros(len(layouts), dtype=np.int64))
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
@@ -90,16 +101,19 @@ class FlashFFN:
 
     @staticmethod
     def work_bytes_for(spec: FFNSpec, record_bytes: int, tokens: int, quantized: bool = False,
-                       kernel: bool = False) -> int:
+                       kernel: bool = False, columns: bool = False) -> int:
         """Memory the FFN's work takes beyond its caches: the scratch rows and the temporaries of a
         forward pass over `tokens` tokens; quantized records add the buffer of gathered rows and a block's
         products (gate, up, coefficients). Their expansion goes into the model's Workspace, counted there.
-        A kernel-form cache adds the two scratch stores and its products over every cached slot."""
+        A kernel-form cache adds the two scratch stores and its products over every cached slot; down
+        columns in the int8 kernel's form (`columns`) a scratch store and the temporaries of their sum."""
         work = 2 * SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
         if quantized:
             work += COMPUTE_ROWS * (record_bytes + tokens * 4 * 3)
         if kernel:
             work += 2 * PackedInt4.bytes_for(SCRATCH_ROWS, spec.d) + tokens * packed.slots_for(spec.n_ff) * 4 * 3
+        if kernel and columns:
+            work += Int8Columns.bytes_for(SCRATCH_ROWS, spec.d) + Int8Columns.work_bytes(spec.n_ff, spec.d, tokens)
         return work
 
     @property
@@ -176,16 +190,17 @@ class FlashFFN:
             if len(following):
                 pending = self._prefetch.submit(self._read, layer, following, self.scratches[(i + 1) % 2][:len(following)])
             if kernel:  # through the scratch stores: the same numbers as cached rows
-                self._write_stores(layer, self.stream_stores, 0, rows[:len(ids)])
-                y += self._compute_packed(layer, x, mask, self.stream_stores, ids, rows, layout.column("down").start)
+                stores = self.stream_stores[:len(self.packed[layer])]
+                self._write_stores(layer, stores, 0, rows[:len(ids)])
+                y += self._compute_packed(layer, x, mask, stores, ids, rows, layout.column("down").start)
             else:
                 y += self._compute(layer, x, mask, rows[:len(ids)], ids)
             self.times.ffn_compute += time.perf_counter() - t1
         return y
 
     def _admit_packed(self, layer: int, ids: np.ndarray) -> None:
-        """Read these records through the scratch rows into the next free slots: gate/up into the kernel
-        stores, the down column into the cache rows (I/O, then memory management)."""
+        """Read these records through the scratch rows into the next free slots: gate/up (and down) into
+        the kernel stores, else the down column into the cache rows (I/O, then memory management)."""
         cache, layout = self.caches[layer], self.layouts[layer]
         down = layout.column("down")
         for start in range(0, len(ids), SCRATCH_ROWS):
@@ -196,32 +211,39 @@ class FlashFFN:
             t1 = time.perf_counter()
             self.times.io += t1 - t0
             self._write_stores(layer, self.packed[layer], cache.num_used, rows)
-            cache.free_rows(len(chunk))[:] = rows[:, down.start:down.stop]
+            if len(self.packed[layer]) == 2:
+                cache.free_rows(len(chunk))[:] = rows[:, down.start:down.stop]
             cache.commit(chunk)
             self.times.memory += time.perf_counter() - t1
 
-    def _write_stores(self, layer: int, stores: tuple[PackedInt4, PackedInt4], slot: int, rows: np.ndarray) -> None:
-        """The gate/up rows of these records into (gate, up) stores, from `slot` on."""
+    def _write_stores(self, layer: int, stores: tuple, slot: int, rows: np.ndarray) -> None:
+        """The gate/up rows of these records into (gate, up) stores, from `slot` on (and the down
+        columns into a third)."""
         layout = self.layouts[layer]
         parts = layout.split(torch.from_numpy(rows[:, :layout.record_bytes]))
         stores[0].write(slot, parts["gate"])
         stores[1].write(slot, parts["up"])
+        if len(stores) > 2:
+            stores[2].write(slot, parts["down"])
 
-    def _compute_packed(self, layer: int, x: torch.Tensor, mask: torch.Tensor, stores: tuple[PackedInt4, PackedInt4],
+    def _compute_packed(self, layer: int, x: torch.Tensor, mask: torch.Tensor, stores: tuple,
                         ids: np.ndarray, rows: np.ndarray, down_start: int) -> torch.Tensor:
         """The FFN over neurons `ids` whose gate/up sit in the first len(ids) slots of `stores` and whose
-        down columns start at byte `down_start` of `rows`: gate/up products in two kernel calls, then the
-        down columns of the needed, above-threshold neurons (cached and streamed rows compute alike)."""
+        down columns are in the third store, else start at byte `down_start` of `rows`: gate/up products
+        in two kernel calls, then the down columns of the needed, above-threshold neurons (cached and
+        streamed rows compute alike)."""
         n = len(ids)
         y = torch.zeros(x.shape[0], self.spec.d)
         if n == 0:
             return y.to(x.dtype)
-        gate, up = stores
+        gate, up = stores[:2]
         a = activate(gate.matmul(x, n), self.spec.activation) * up.matmul(x, n)  # [T, n]
         keep = mask[:, torch.from_numpy(ids)]
         if not self._prompt:
             keep &= active_mask(self.spec, a, self.thresholds[layer])
         a = a * keep
+        if len(stores) > 2:  # every slot's down column in the kernel, the others' coefficients zero
+            return stores[2].combine(a, self.work).to(x.dtype)
         chosen = torch.from_numpy(np.flatnonzero(keep.any(0).numpy()))
         down = self.layouts[layer].column("down")
         width = down.stop - down.start

@@ -15,13 +15,13 @@ from flashllm.disk.reader import FlashReader
 from flashllm.disk.system import bound_heap, current_rss, kernel_read_bytes, peak_rss, release_free_heap
 from flashllm.engine.budget import BudgetPlan, plan_budget
 from flashllm.engine.cache import POLICIES, NeuronCache
-from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN, kernel_form
+from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN, down_columns, kernel_form
 from flashllm.engine.generate import GenerationStats, SamplingSettings, generate
 from flashllm.engine.stats import FlashStats, sparsity_bands
 from flashllm.errors import FlashLLMError
 from flashllm.models import packed
 from flashllm.models.layers import KVCache
-from flashllm.models.qrows import Workspace, for_compute
+from flashllm.models.qrows import GROUPED_MIN_ROWS, Int8Groups, Workspace, for_compute
 from flashllm.sparsity.predictors import Predictors, load_predictors, predictors_nbytes, read_settings
 from flashllm.units import parse_size
 
@@ -104,7 +104,8 @@ class FlashModel:
         c, dtype = bundle.config, bundle.compute_dtype
         skip = ("embed.weight",) if embedding is not None else ()
         weights = {}
-        for name, tensor in bundle.resident_tensors(skip):  # one at a time into its compute form, the
+        # one at a time into its compute form (a tall int8 matrix, the LM head, a block of rows at a time)
+        for name, tensor in bundle.resident_tensors(skip, grouped_rows=GROUPED_MIN_ROWS):
             weights[name] = tensor.to(dtype) if isinstance(tensor, torch.Tensor) else \
                 tensor if name == "embed.weight" else for_compute(tensor)
             if not isinstance(tensor, torch.Tensor):
@@ -122,34 +123,44 @@ class FlashModel:
             "KV cache": KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, itemsize),
             "activations": type(self.model).work_bytes_for(c, pass_tokens, max_tokens),
             "reader staging": self.reader.staging_bound,
-            "quantized work": self.workspace.nbytes if self.workspace is not None else 0,
+            "quantized work": (self.workspace.nbytes if self.workspace is not None else 0) +
+            sum(Int8Groups.work_bytes(w.n) for w in weights.values() if isinstance(w, Int8Groups)),
         }
         self.notes: list[str] = []  # choices made for this budget, for --verbose
         # the layouts of DRAM this budget may take, best first; the first that fits is kept and each one
         # passed over is said in `notes`. gate/up from the predictors with only down columns read (exact
         # on an int4 bundle whose predictors are its own gate/up), then whole records with the predictors
-        # choosing them, then every record (predictors that do not fit are dropped, never a refusal)
-        choices = []
+        # choosing them, then every record (predictors that do not fit are dropped, never a refusal).
+        # Before them all: the whole FFN cached in the kernels' forms without predictors, where that fits,
+        # since every cached neuron is computed in the kernels anyway (the predictors would only add work).
+        choices = []  # (parts, with predictors, only if every neuron is cached in kernel form)
+        if use_predictors and settings.gate_up == "auto" and settings.kernel_cache:
+            choices.append((None, False, True))
         if settings.gate_up == "int4" or (settings.gate_up == "auto" and use_predictors and
                                           self._owns_gate_up(bundle, psettings)):
             self._check_int4_gate_up(bundle, psettings)
-            choices.append((("down",), True))
+            choices.append((("down",), True, False))
         if settings.gate_up != "int4":
-            choices += [(None, True)] if use_predictors else []
-            choices.append((None, False))
+            choices += [(None, True, False)] if use_predictors else []
+            choices.append((None, False, False))
         predictor_bytes = predictors_nbytes(bundle.folder, dtype, psettings) if use_predictors else 0
-        for i, (parts, with_predictors) in enumerate(choices):
+        for i, (parts, with_predictors, whole_only) in enumerate(choices):
             self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
             record = max(layout.record_bytes for layout in self.layouts)
             # a cached neuron: its record, or in kernel form its down column plus the packed gate/up rows
             self.kernel_form = settings.kernel_cache and all(kernel_form(layout) for layout in self.layouts)
+            # and its down column too in the int8 kernel's form (int8 down records): the cache row keeps nothing
+            columns = self.kernel_form and all(down_columns(layout) for layout in self.layouts)
             fixed = {**common, "predictors": predictor_bytes if with_predictors else 0,
                      "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized,
-                                                         self.kernel_form)}
+                                                         self.kernel_form, columns)}
             row = per_neuron = record
             if self.kernel_form:
-                row = max(layout.column("down").stop - layout.column("down").start for layout in self.layouts)
-                per_neuron = row + 2 * packed.row_bytes(self.spec.d)
+                row = 0 if columns else \
+                    max(layout.column("down").stop - layout.column("down").start for layout in self.layouts)
+                store_row = 2 * packed.row_bytes(self.spec.d) + \
+                    (packed.Int8Columns.column_bytes(self.spec.d) if columns else 0)
+                per_neuron = row + store_row
             stats = psettings.get("window_stats") if with_predictors else None
             need = None
             if stats:
@@ -158,10 +169,17 @@ class FlashModel:
             try:
                 self.plan: BudgetPlan = plan_budget(budget, fixed, self.spec.n_ff, L, per_neuron, need,
                                                     cache=settings.cache)
-                break
+                if not whole_only:
+                    break
+                if self.kernel_form and min(self.plan.capacities) >= self.spec.n_ff:
+                    self.notes.append("every neuron fits in DRAM in the kernels' form: no predictors, every "
+                                      "neuron computed (mode dense)")
+                    break
             except FlashLLMError:
                 if i == len(choices) - 1:
                     raise
+                if whole_only:
+                    continue
                 self.notes.append(
                     f"gate/up from the predictors ({predictor_bytes / 1e6:,.0f} MB) and only down columns read do "
                     f"not fit the budget: reading whole records" if parts else
@@ -191,13 +209,13 @@ class FlashModel:
             self.calibrated = [float(v) for v in psettings.get("layer_sparsity") or [psettings["sparsity"]] * L]
         capacities = self.plan.capacities
         if self.kernel_form:  # the stores pad their slots to a multiple of 64 rows: out of each cache's share
-            capacities = [packed.capacity_within(cap, per_neuron, 2 * packed.row_bytes(self.spec.d)) for cap in capacities]
+            capacities = [packed.capacity_within(cap, per_neuron, store_row) for cap in capacities]
         self.caches = [NeuronCache(self.spec.n_ff, cap, row, settings.policy, settings.window,
                                    settings.pin_fraction) for cap in capacities]
         stores = [None] * L
         if self.kernel_form:
             stores = [(packed.PackedInt4(cache.capacity, self.spec.d), packed.PackedInt4(cache.capacity, self.spec.d))
-                      for cache in self.caches]
+                      + ((packed.Int8Columns(cache.capacity, self.spec.d),) if columns else ()) for cache in self.caches]
             for cache, pair in zip(self.caches, stores):
                 cache.companions = list(pair)
         self.ffn = FlashFFN(self.spec, self.layouts, self.caches, self.reader, self.mode, self.thresholds,
