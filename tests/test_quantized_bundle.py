@@ -195,7 +195,12 @@ def test_int4_predictors_of_an_int4_bundle_are_its_own_gate_up(tmp_path):
     assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
     # the planner takes that layout by itself where it fits, and says what it passes over where not
     assert json.loads((out / "predictors.json").read_text())["int4_source"] == "bundle"
-    auto = FlashModel.open(out, BIG, FlashSettings(mode="predictor"), max_tokens=len(IDS), prefill_tokens=5)
+    # where every neuron fits in the kernels' form the predictors would only add work: dense, none loaded
+    whole = FlashModel.open(out, BIG, FlashSettings(mode="predictor"), max_tokens=len(IDS), prefill_tokens=5)
+    assert whole.mode == "dense" and whole.predictors is None and min(whole.plan.capacities) == whole.spec.n_ff
+    assert len(whole.notes) == 1 and "every neuron fits" in whole.notes[0]
+    auto = FlashModel.open(out, whole.plan.planned_bytes - 1, FlashSettings(mode="predictor"), max_tokens=len(IDS),
+                           prefill_tokens=5)
     assert auto.gate_up == "int4" and auto.mode == "predictor" and not auto.notes
     dense = FlashModel.open(out, BIG, FlashSettings(mode="dense", gate_up="flash"), max_tokens=len(IDS),
                             prefill_tokens=5)

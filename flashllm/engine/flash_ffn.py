@@ -88,11 +88,9 @@ class FlashFFN:
         self.work = work
         self.packed = packed or [None] * len(layouts)
         # records streamed past a kernel-form cache take the same kernel path, through two scratch stores
-        self.stream_stores = None
-        if any(p is not None for p in self.packed):
-            self.stream_stores = (PackedInt4(SCRATCH_ROWS, spec.d), PackedInt4(SCRATCH_ROWS, spec.d))
-            if any(p is not None and len(p) > 2 for p in self.packed):
-                self.stream_stores += (Int8Columns(SCRATCH_ROWS, spec.d),)
+        # (their down columns are expanded from the scratch rows: cheaper than transposing them into a store)
+        self.stream_stores = (PackedInt4(SCRATCH_ROWS, spec.d), PackedInt4(SCRATCH_ROWS, spec.d)) \
+            if any(p is not None for p in self.packed) else None
         self.times = TokenTimes()
         self.counters = FlashCounters(layer_needed=np.zeros(len(layouts), dtype=np.int64))
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
@@ -106,14 +104,14 @@ class FlashFFN:
         forward pass over `tokens` tokens; quantized records add the buffer of gathered rows and a block's
         products (gate, up, coefficients). Their expansion goes into the model's Workspace, counted there.
         A kernel-form cache adds the two scratch stores and its products over every cached slot; down
-        columns in the int8 kernel's form (`columns`) a scratch store and the temporaries of their sum."""
+        columns in the int8 kernel's form (`columns`) the temporaries of their sum."""
         work = 2 * SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
         if quantized:
             work += COMPUTE_ROWS * (record_bytes + tokens * 4 * 3)
         if kernel:
             work += 2 * PackedInt4.bytes_for(SCRATCH_ROWS, spec.d) + tokens * packed.slots_for(spec.n_ff) * 4 * 3
         if kernel and columns:
-            work += Int8Columns.bytes_for(SCRATCH_ROWS, spec.d) + Int8Columns.work_bytes(spec.n_ff, spec.d, tokens)
+            work += Int8Columns.work_bytes(spec.n_ff, spec.d, tokens)
         return work
 
     @property
@@ -189,10 +187,9 @@ class FlashFFN:
             following = overflow[start + SCRATCH_ROWS:start + 2 * SCRATCH_ROWS]
             if len(following):
                 pending = self._prefetch.submit(self._read, layer, following, self.scratches[(i + 1) % 2][:len(following)])
-            if kernel:  # through the scratch stores: the same numbers as cached rows
-                stores = self.stream_stores[:len(self.packed[layer])]
-                self._write_stores(layer, stores, 0, rows[:len(ids)])
-                y += self._compute_packed(layer, x, mask, stores, ids, rows, layout.column("down").start)
+            if kernel:  # gate/up through the scratch stores: the same numbers as cached rows
+                self._write_stores(layer, self.stream_stores, 0, rows[:len(ids)])
+                y += self._compute_packed(layer, x, mask, self.stream_stores, ids, rows, layout.column("down").start)
             else:
                 y += self._compute(layer, x, mask, rows[:len(ids)], ids)
             self.times.ffn_compute += time.perf_counter() - t1

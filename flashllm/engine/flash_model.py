@@ -214,8 +214,9 @@ class FlashModel:
                                    settings.pin_fraction) for cap in capacities]
         stores = [None] * L
         if self.kernel_form:
-            stores = [(packed.PackedInt4(cache.capacity, self.spec.d), packed.PackedInt4(cache.capacity, self.spec.d))
-                      + ((packed.Int8Columns(cache.capacity, self.spec.d),) if columns else ()) for cache in self.caches]
+            d = self.spec.d
+            stores = [(packed.PackedInt4(cache.capacity, d), packed.PackedInt4(cache.capacity, d))
+                      + ((packed.Int8Columns(cache.capacity, d),) if columns else ()) for cache in self.caches]
             for cache, pair in zip(self.caches, stores):
                 cache.companions = list(pair)
         self.ffn = FlashFFN(self.spec, self.layouts, self.caches, self.reader, self.mode, self.thresholds,

@@ -33,13 +33,14 @@ _SCATTER_ROWS = 64  # rows per chunk of a scattered write: its index temporaries
 
 def _pack_nibbles(codes: np.ndarray, block: int, out: np.ndarray) -> None:
     """Plain-nibble rows [n, k/2] (n a multiple of `block`) into `out` [n / block, k, block / 2], without
-    unpacking: column 2m of a row is the low nibble of its byte m, column 2m + 1 the high one."""
+    unpacking: column 2m of a row is the low nibble of its byte m, column 2m + 1 the high one. The bytes
+    are combined in the rows' own order (contiguous), then transposed in one copy (torch's: 2x numpy's)."""
     n, half = codes.shape
-    rows = codes.reshape(n // block, 2, block // 2, half).transpose(0, 1, 3, 2)  # [blocks, 2, k/2, B/2]
-    low, high = rows[:, 0], rows[:, 1]
-    pairs = out.reshape(n // block, half, 2, block // 2)
-    np.bitwise_or(low & 0x0F, (high & 0x0F) << 4, out=pairs[:, :, 0])
-    np.bitwise_or(low >> 4, high & 0xF0, out=pairs[:, :, 1])
+    rows = torch.from_numpy(codes).view(n // block, 2, block // 2, half)
+    low, high = rows[:, 0], rows[:, 1]  # [blocks, B/2, k/2]: rows d and d + B/2 of each block
+    pairs = torch.stack(((low & 0x0F) | ((high & 0x0F) << 4), (low >> 4) | (high & 0xF0)), -1)  # [.., k/2, 2]
+    columns = pairs.view(n // block, block // 2, 2 * half).transpose(1, 2)  # [blocks, k, B/2]
+    torch.from_numpy(out).view(n // block, 2 * half, block // 2).copy_(columns)
 
 
 @functools.cache
