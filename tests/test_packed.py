@@ -54,6 +54,21 @@ def test_a_row_shares_its_bytes_with_another_and_neither_is_lost():
     assert torch.equal(store.matmul(x, 64), reference(expected, x))
 
 
+def cache_steps(cache: NeuronCache, store, q: QRows, rng: np.random.Generator, steps: int):
+    """Random needed sets through a cache with `store` as its companion, the rows of what it admits
+    written into the store; yields the number of used slots after each step."""
+    cache.companions = [store]
+    n = cache.n_neurons
+    for _ in range(steps):
+        needed = np.unique(rng.choice(n, size=rng.integers(1, 80), replace=False))
+        _, missing = cache.lookup(needed)
+        insert = cache.admit(missing)
+        store.write(cache.num_used, q[torch.from_numpy(insert)] if len(insert) else q[0:0])
+        cache.commit(insert)
+        cache.check()
+        yield cache.num_used
+
+
 def test_the_store_follows_the_cache_through_evictions():
     """A cache with a store as companion: after every step, slot s of the store holds neuron pointer[s]."""
     rng = np.random.default_rng(0)
@@ -63,16 +78,8 @@ def test_the_store_follows_the_cache_through_evictions():
     for policy in ("lru", "window", "pinned"):
         cache = NeuronCache(n, 90, 1, policy=policy)
         store = PackedInt4(90, k)
-        cache.companions = [store]
         x = torch.randn(2, k)
-        for _ in range(40):
-            needed = np.unique(rng.choice(n, size=rng.integers(1, 80), replace=False))
-            _, missing = cache.lookup(needed)
-            insert = cache.admit(missing)
-            store.write(cache.num_used, q[torch.from_numpy(insert)] if len(insert) else q[0:0])
-            cache.commit(insert)
-            cache.check()
-            used = cache.num_used
+        for used in cache_steps(cache, store, q, rng, 40):
             rows = torch.from_numpy(cache.pointer[:used])
             held = QRows("int4", q.codes[rows], q.scales[rows], q.mins[rows])
             assert torch.equal(store.matmul(x, used), reference(held, x)), policy
@@ -91,14 +98,7 @@ def test_down_columns_follow_the_cache_and_sum_like_the_rows(tokens):
     for policy in ("lru", "window"):
         cache = NeuronCache(n, 90, 0, policy=policy)
         store = Int8Columns(90, d)
-        cache.companions = [store]
-        for _ in range(25):
-            needed = np.unique(rng.choice(n, size=rng.integers(1, 80), replace=False))
-            _, missing = cache.lookup(needed)
-            insert = cache.admit(missing)
-            store.write(cache.num_used, q[torch.from_numpy(insert)] if len(insert) else q[0:0])
-            cache.commit(insert)
-            used = cache.num_used
+        for used in cache_steps(cache, store, q, rng, 25):
             a = torch.randn(tokens, used)
             reference = a @ w[torch.from_numpy(cache.pointer[:used])]
             tolerance = 1e-5 if tokens > packed.KERNEL_TOKENS else 1e-2
