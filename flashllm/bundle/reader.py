@@ -93,7 +93,7 @@ class Bundle:
         rows = None
         for start in range(0, n, block):
             rows = load(slice(start, min(start + block, n)), out=rows)
-            m.write(start, self._as_rows(name, rows))
+            m.write(start, from_records(rows, "int8", m.k))
         return m
 
     def _as_rows(self, name: str, records: torch.Tensor) -> QRows:

@@ -290,16 +290,6 @@ class Int8Groups:
         self.scales = torch.empty(k // GROUP, n, dtype=torch.float16)
         self._ones = torch.ones(n, dtype=torch.bfloat16)
 
-    @classmethod
-    def from_rows(cls, q: QRows) -> Int8Groups:
-        m = cls(q.n, q.k)
-        m.write(0, q)
-        return m
-
-    @staticmethod
-    def bytes_for(n: int, k: int) -> int:
-        return n * row_bytes("int8", k) + n * 2
-
     @staticmethod
     def work_bytes(n: int) -> int:
         """A token's temporaries beyond its float32 output (a budgeted model computes the head for one
