@@ -121,6 +121,14 @@ MMAP_THRESHOLD = 256 * 1024  # C allocations above this are mapped and unmapped,
 MALLOC_ARENAS = 2
 
 
+def start_runtime() -> None:
+    """What torch sets up on first use, done before the fixed overhead is measured: its intra-op thread
+    team (started by the first parallel op; each thread's stack otherwise counted against the budget)."""
+    import torch  # only here: the rest of this module serves code that never loads torch
+
+    torch.ones(1 << 17).sum()  # above torch's grain size: the OpenMP team starts
+
+
 def bound_heap() -> None:
     """Make glibc's malloc keep little beyond what is live, for the whole process (elsewhere nothing).
 

@@ -12,7 +12,7 @@ import torch
 from flashllm.bundle.reader import Bundle
 from flashllm.disk.profile import IOProfile
 from flashllm.disk.reader import FlashReader
-from flashllm.disk.system import bound_heap, current_rss, kernel_read_bytes, peak_rss, release_free_heap
+from flashllm.disk.system import bound_heap, current_rss, kernel_read_bytes, peak_rss, release_free_heap, start_runtime
 from flashllm.engine.budget import BudgetPlan, plan_budget
 from flashllm.engine.cache import POLICIES, NeuronCache
 from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN, down_columns, kernel_form
@@ -59,12 +59,6 @@ class FlashSettings:
             raise FlashLLMError(f"unknown --gate-up {self.gate_up!r} (auto, flash or int4)")
         if self.window < 1:
             raise FlashLLMError(f"window {self.window}: must be at least 1")
-
-def start_runtime() -> None:
-    """What torch sets up on first use, done before the fixed overhead is measured: its intra-op thread
-    team (started by the first parallel op; each thread's stack otherwise counted against the budget)."""
-    torch.ones(1 << 17).sum()  # above torch's grain size: the OpenMP team starts
-
 
 class FlashModel:
     """A bundle loaded under a DRAM budget (bytes, or a size such as "50%" of the bundle or "800MiB").

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from flashllm.corpus import BUILTIN, DOMAINS, builtin_corpus
-from flashllm.disk.system import bound_heap, current_rss, peak_rss
+from flashllm.disk.system import bound_heap, current_rss, peak_rss, start_runtime
 from flashllm.errors import FlashLLMError
 from flashllm.models.ffn import FFNSpec, active_mask, ffn_over_rows, neuron_coefficients
 from flashllm.models.qrows import GROUP, QRows, Workspace, dequantize_rows, for_compute
-from flashllm.sparsity.lowrank import ALL_LOGIT, ALWAYS_ACTIVE, RECALL_GRID, mean_window, train_layer
+from flashllm.sparsity.lowrank import ALL_LOGIT, ALWAYS_ACTIVE, RECALL_GRID, cut_rank, mean_window, train_layer
 from flashllm.sparsity.predictors import Int4Predictor
 from flashllm.sparsity.quality import chunks_of
 from flashllm.sparsity.thresholds import THRESHOLD_GRID, abs_sample, sparsity_threshold
@@ -156,7 +156,7 @@ class Memory:
 
     def __init__(self, b, budget, calib_tokens: int, heldout: dict, context: int, n_val: int, runs: int):
         bound_heap()
-        torch.ones(1 << 17).sum()  # torch's thread team starts before the overhead is measured
+        start_runtime()  # torch's thread team starts before the overhead is measured
         self.overhead = current_rss()
         total = b.manifest["sizes"]["total_bytes"]
         self.budget = parse_size(budget, of=total, what="budget") if budget is not None else None
@@ -419,8 +419,7 @@ def _kth_cut(positives: torch.Tensor, recall: float) -> float:
     """The largest logit cut keeping a share >= recall of these (sorted) positives' logits."""
     if positives.numel() == 0:
         return 0.0
-    k = int(math.floor(positives.numel() * (1 - recall))) + 1
-    return float(positives[min(k, positives.numel()) - 1])
+    return float(positives[cut_rank(positives.numel(), recall) - 1])
 
 
 def _errors(a: torch.Tensor, ffn: dict, work: Workspace, thresholds: list[float], spec: FFNSpec) -> list[float]:

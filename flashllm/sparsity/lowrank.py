@@ -105,13 +105,18 @@ def _batched_logits(predictor: LayerPredictor, x: torch.Tensor, rows: int = 4096
     return torch.cat([predictor.logits(x[i:i + rows]) for i in range(0, x.shape[0], rows)])
 
 
+def cut_rank(positives: int, recall: float) -> int:
+    """The rank k (1-based, ascending) of the positive logit that is the largest cut keeping a share >=
+    recall of `positives` (> 0) positives: at most k - 1 of them fall below it."""
+    return min(int(math.floor(positives * (1 - recall))) + 1, positives)
+
+
 def decision_threshold(logits: torch.Tensor, y: torch.Tensor, recall: float) -> float:
     """The largest logit cut c with recall(logits >= c) >= `recall` on these labels."""
     positives = logits[y]
     if positives.numel() == 0:
         return float(logits.max()) + 1.0 if logits.numel() else 0.0
-    k = int(math.floor(positives.numel() * (1 - recall))) + 1  # positives below the cut: at most k - 1
-    return float(torch.kthvalue(positives.float(), min(k, positives.numel())).values)
+    return float(torch.kthvalue(positives.float(), cut_rank(positives.numel(), recall)).values)
 
 
 
