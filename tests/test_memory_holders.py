@@ -8,7 +8,7 @@ import torch
 from flashllm.bundle.writer import convert
 from flashllm.disk.reader import FlashReader, RecordRegion
 from flashllm.engine.cache import NeuronCache
-from flashllm.engine.flash_ffn import SCRATCH_ROWS, FlashEmbedding, FlashFFN
+from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN
 from flashllm.engine.flash_model import FlashModel, FlashSettings
 from flashllm.engine.generate import SamplingSettings
 from flashllm.models.layers import KVCache, Rotary
@@ -87,7 +87,7 @@ def test_flash_model_holders_match_the_plan(bundle):
     assert flash.gate_up == "flash"  # requantized predictors of a float bundle only choose what is read
     caches = sum(cache.nbytes for cache in flash.caches)
     assert caches == flash.plan.cache_bytes + parts["cache index"]
-    assert flash.ffn.nbytes == 2 * SCRATCH_ROWS * flash.plan.record_bytes <= parts["FFN work"]
+    assert flash.ffn.nbytes == 2 * flash.ffn.chunk * flash.plan.record_bytes <= parts["FFN work"]
     assert parts["FFN work"] == FlashFFN.work_bytes_for(flash.spec, flash.plan.record_bytes, 16, quantized=False)
     list(flash.generate(list(range(1, 17)), SamplingSettings(max_tokens=8, stop_at_eos=False)))
     assert flash.reader.staging_bytes <= parts["reader staging"]

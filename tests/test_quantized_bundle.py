@@ -11,6 +11,7 @@ from flashllm.bundle.verify import verify
 from flashllm.bundle.writer import convert
 from flashllm.engine.flash_model import FlashModel, FlashSettings
 from flashllm.engine.generate import SamplingSettings, load_dense
+from flashllm import native
 from flashllm.models import packed
 from flashllm.models.qrows import Int8Groups, QRows, row_bytes
 from flashllm.sources.base import Source
@@ -74,7 +75,8 @@ def test_engine_on_every_neuron_equals_the_dense_quantized_model(quantized):
     small = FlashModel.open(folder, flash.plan.fixed_bytes + 2 * 3 * flash.plan.record_bytes * 16,
                             FlashSettings(mode="dense"), 32, 16)
     assert max(small.plan.capacities) < flash.spec.n_ff
-    assert flash.kernel_form == small.kernel_form == (kind == "int4" and packed.available())
+    assert flash.native == small.native == native.available()  # the C FFN where it builds, else the kernels
+    assert flash.kernel_form == small.kernel_form == (kind == "int4" and packed.available() and not flash.native)
     assert (flash_logits(small) - ours).abs().max() < 1e-5
     tokens = list(small.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False)))
     assert tokens == list(flash.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False)))
@@ -86,11 +88,12 @@ def test_kernel_form_caches_compute_like_expanded_records(quantized):
     kind, folder = quantized
     if kind != "int4" or not packed.available():
         pytest.skip("kernel-form caches hold int4 gate/up rows")
-    expanded = FlashModel.open(folder, BIG, FlashSettings(mode="dense", kernel_cache=False), 32, 16)
+    expanded = FlashModel.open(folder, BIG, FlashSettings(mode="dense", kernel_cache=False, native=False), 32, 16)
     reference = flash_logits(expanded)
-    whole = FlashModel.open(folder, BIG, FlashSettings(mode="dense"), 32, 16)
+    settings = FlashSettings(mode="dense", native=False)  # the kernel form is the path without the C FFN
+    whole = FlashModel.open(folder, BIG, settings, 32, 16)
     budget = whole.plan.fixed_bytes + 3 * whole.plan.record_bytes * 40  # caches smaller than the FFN
-    for flash in (whole, FlashModel.open(folder, budget, FlashSettings(mode="dense"), 32, 16)):
+    for flash in (whole, FlashModel.open(folder, budget, settings, 32, 16)):
         assert flash.kernel_form and not expanded.kernel_form
         assert (flash_logits(flash) - reference).abs().max() < 2e-2 * float(reference.abs().max())
         parts = flash.plan.parts
@@ -122,13 +125,14 @@ def test_int8_down_columns_and_head_in_kernel_form(mixed, monkeypatch):
         pytest.skip("kernel-form caches need torch's int4 kernel")
     layout = Bundle(mixed).record_layout(0)
     assert {p.name: p.kind for p in layout.parts} == {"gate": "int4", "up": "int4", "down": "int8"}
-    expanded = FlashModel.open(mixed, BIG, FlashSettings(mode="dense", kernel_cache=False), 32, 16)
+    expanded = FlashModel.open(mixed, BIG, FlashSettings(mode="dense", kernel_cache=False, native=False), 32, 16)
     assert isinstance(expanded.model.weights["lm_head.weight"], QRows)  # the vocabulary is below GROUPED_MIN_ROWS
     reference = flash_logits(expanded)
     monkeypatch.setattr("flashllm.engine.flash_model.GROUPED_MIN_ROWS", 64)
-    whole = FlashModel.open(mixed, BIG, FlashSettings(mode="dense"), 32, 16)
+    settings = FlashSettings(mode="dense", native=False)
+    whole = FlashModel.open(mixed, BIG, settings, 32, 16)
     budget = whole.plan.fixed_bytes + whole.plan.record_bytes * 3 * 40  # caches smaller than the FFN
-    for flash in (whole, FlashModel.open(mixed, budget, FlashSettings(mode="dense"), 32, 16)):
+    for flash in (whole, FlashModel.open(mixed, budget, settings, 32, 16)):
         assert flash.kernel_form and all(len(stores) == 3 for stores in flash.ffn.packed)
         assert isinstance(flash.model.weights["lm_head.weight"], Int8Groups)
         assert all(cache.matrix.shape[1] == 0 for cache in flash.caches)  # the down columns live in the stores
@@ -195,17 +199,19 @@ def test_int4_predictors_of_an_int4_bundle_are_its_own_gate_up(tmp_path):
     assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
     # the planner takes that layout by itself where it fits, and says what it passes over where not
     assert json.loads((out / "predictors.json").read_text())["int4_source"] == "bundle"
+    # (the torch path's buffers, as this tiny model's sizes were chosen for; the C FFN's larger stream chunks
+    # would tip the comparison below)
     # where every neuron fits in the kernels' form the predictors would only add work: dense, none loaded
-    whole = FlashModel.open(out, BIG, FlashSettings(mode="predictor"), max_tokens=len(IDS), prefill_tokens=5)
+    whole = FlashModel.open(out, BIG, FlashSettings(mode="predictor", native=False), max_tokens=len(IDS), prefill_tokens=5)
     assert whole.mode == "dense" and whole.predictors is None and min(whole.plan.capacities) == whole.spec.n_ff
     assert len(whole.notes) == 1 and "every neuron fits" in whole.notes[0]
-    auto = FlashModel.open(out, whole.plan.planned_bytes - 1, FlashSettings(mode="predictor"), max_tokens=len(IDS),
+    auto = FlashModel.open(out, whole.plan.planned_bytes - 1, FlashSettings(mode="predictor", native=False), max_tokens=len(IDS),
                            prefill_tokens=5)
     assert auto.gate_up == "int4" and auto.mode == "predictor" and not auto.notes
-    dense = FlashModel.open(out, BIG, FlashSettings(mode="dense", gate_up="flash"), max_tokens=len(IDS),
+    dense = FlashModel.open(out, BIG, FlashSettings(mode="dense", gate_up="flash", native=False), max_tokens=len(IDS),
                             prefill_tokens=5)
     assert auto.plan.fixed_bytes > dense.plan.fixed_bytes + 10_000
-    small = FlashModel.open(out, dense.plan.fixed_bytes + 10_000, FlashSettings(mode="predictor"),
+    small = FlashModel.open(out, dense.plan.fixed_bytes + 10_000, FlashSettings(mode="predictor", native=False),
                             max_tokens=len(IDS), prefill_tokens=5)
     assert small.gate_up == "flash" and small.mode == "dense" and small.predictors is None
     assert len(small.notes) == 2 and "only down columns" in small.notes[0]
@@ -224,3 +230,33 @@ def test_bench_serves_a_quantized_bundle(quantized):
         assert rows[name]["tokens"] > 0 and not rows[name]["note"].startswith("failed"), rows[name]["note"]
         assert rows[name]["top1_agreement"] >= 0.85
         assert rows[name]["perplexity"] == pytest.approx(rows["resident"]["perplexity"], rel=0.02)
+
+
+def test_c_ffn_computes_like_expanded_records(mixed):
+    """The C FFN (flashllm.native) over cached and streamed records gives the expanded records' numbers up
+    to float32 summation order (no bfloat16 anywhere), each record with its own column of the needed mask
+    (oracle mode: a sparse mask), counts every byte it keeps in the plan, and needs no kernel-form stores."""
+    if not native.available():
+        pytest.skip(f"the C FFN is not available here: {native.why_not()}")
+    L = Bundle(mixed).config.num_hidden_layers
+
+    def engine(budget, **settings):
+        return FlashModel.open(mixed, budget, FlashSettings(mode="oracle", **settings), 32, 16, thresholds=[0.003] * L)
+
+    expanded = engine(BIG, kernel_cache=False, native=False)
+    reference = flash_logits(expanded)
+    whole = engine(BIG)
+    budget = whole.plan.fixed_bytes + whole.plan.record_bytes * 3 * 40  # caches smaller than the FFN
+    for flash in (whole, engine(budget)):
+        assert flash.native and not flash.kernel_form and all(stores is None for stores in flash.ffn.packed)
+        assert flash.ffn.stream_stores is None
+        assert (flash_logits(flash) - reference).abs().max() < 1e-4 * float(reference.abs().max())
+        flash_logits(flash, ids=IDS[::-1])  # then a multi-token pass meeting a warm cache whose slots are out of order
+        assert (flash_logits(flash) - reference).abs().max() < 1e-4 * float(reference.abs().max())
+        caches = sum(cache.nbytes for cache in flash.caches)
+        assert caches == flash.plan.cache_bytes + flash.plan.parts["cache index"]
+        assert flash.ffn.nbytes <= flash.plan.parts["FFN work"]
+        tokens = list(flash.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False)))
+        assert sum(cache.nbytes for cache in flash.caches) == caches
+    assert max(flash.plan.capacities) < flash.spec.n_ff
+    assert tokens == list(expanded.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False)))

@@ -21,11 +21,15 @@ from flashllm.engine.cache import NeuronCache
 from flashllm.engine.stats import TokenTimes
 from flashllm.models.ffn import COMPUTE_ROWS, FFNSpec, activate, active_mask, ffn_over_rows, neuron_coefficients
 from flashllm.models import packed
+from flashllm.native import RecordFFN
 from flashllm.models.packed import Int8Columns, PackedInt4
 from flashllm.models.qrows import Workspace, combine, dequantize_rows, from_records
 from flashllm.sparsity.predictors import Predictors
 
-SCRATCH_ROWS = 512  # records streamed past the cache per chunk
+SCRATCH_ROWS = 512  # records streamed past the cache per chunk (at least)
+# with the C FFN, about this many bytes of records a chunk: its compute is cheap enough that a chunk's read
+# sets the pace, and larger reads keep more requests in flight (0.6 -> 0.8-1.0 GB/s on this disk, measured)
+STREAM_BYTES = 4 << 20
 # per token of a forward pass: coefficients a (float32), |a| and the masks, predictor logits and the
 # int4 estimate (float32), and their bool/float temporaries: 28 bytes per neuron, measured on SmolLM2
 _TOKEN_BYTES_PER_NEURON = 28
@@ -37,6 +41,25 @@ def kernel_form(layout: RecordLayout) -> bool:
     kinds = {p.name: p.kind for p in layout.parts}
     return kinds.get("gate") == kinds.get("up") == "int4" and "down" in kinds and "up_bias" not in kinds \
         and packed.available()
+
+
+def native_ffn(layout: RecordLayout, spec: FFNSpec, threads: int | None = None) -> RecordFFN | None:
+    """The C FFN over this layout's records (flashllm.native), or None where it cannot serve them (no
+    compiler, float or biased records, an activation it lacks): the torch path computes those."""
+    from flashllm import native  # noqa: PLC0415 (built on first use)
+    parts = {p.name: p.kind for p in layout.parts}
+    if not spec.gated or not RecordFFN.supports(parts, spec.activation) or not native.available():
+        return None
+    columns = [layout.column(name) for name in ("gate", "up", "down")]
+    return RecordFFN(tuple(c.start for c in columns), tuple(c.kind for c in columns), spec.d, spec.activation,
+                     threads)
+
+
+def stream_rows(spec: FFNSpec, record_bytes: int, native: RecordFFN | None) -> int:
+    """Records streamed per chunk (each of the two scratch buffers holds this many)."""
+    if native is None:
+        return SCRATCH_ROWS
+    return min(spec.n_ff, max(SCRATCH_ROWS, STREAM_BYTES // record_bytes))
 
 
 def down_columns(layout: RecordLayout) -> bool:
@@ -65,20 +88,26 @@ class FlashFFN:
     (gate, up, down): records read go through the scratch rows into the stores (the down column into the
     cache row when there is no down store), the cached neurons' gate/up products are one kernel call
     each, and their down sum one call per group of 32 output values.
+    native: per layer None, or the C FFN over its records (flashllm.native): cached records (in a cache
+    that is not in kernel form) and streamed ones are computed from their bytes, float32, no expansion.
     """
 
     def __init__(self, spec: FFNSpec, layouts: list[RecordLayout], caches: list[NeuronCache], reader: FlashReader,
                  mode: str, thresholds: list[float], predictors: Predictors | None = None,
                  oracle_weights: list[dict] | None = None, estimate_gate_up: bool = False,
-                 work: Workspace | None = None, packed: list[tuple | None] | None = None):
+                 work: Workspace | None = None, packed: list[tuple | None] | None = None,
+                 native: list[RecordFFN | None] | None = None):
         self.spec, self.layouts, self.caches, self.reader = spec, layouts, caches, reader
         self.mode, self.thresholds = mode, list(thresholds)
         self.predictors, self.oracle_weights = predictors, oracle_weights
         self.estimate_gate_up = estimate_gate_up
         record = max(layout.record_bytes for layout in layouts)
+        # the C FFN, where it serves a layer's records (never with gate/up estimated by the predictors)
+        self.native = native if native is not None and not estimate_gate_up else [None] * len(layouts)
         # records streamed past the cache: two buffers, one read (by the prefetch thread) while the other computes
         # (the first also carries records bound for a kernel-form cache)
-        self.scratches = (np.zeros((SCRATCH_ROWS, record), dtype=np.uint8), np.zeros((SCRATCH_ROWS, record), dtype=np.uint8))
+        self.chunk = stream_rows(spec, record, self.native[0])
+        self.scratches = (np.zeros((self.chunk, record), dtype=np.uint8), np.zeros((self.chunk, record), dtype=np.uint8))
         self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashllm-prefetch")
         # quantized records: the needed cache rows are gathered a block at a time into one buffer, and
         # expanded into the shared workspace (both made once: see work_bytes_for)
@@ -87,10 +116,10 @@ class FlashFFN:
         self._gathered = torch.from_numpy(self.gathered)  # the same memory, for torch's index_select
         self.work = work
         self.packed = packed or [None] * len(layouts)
-        # records streamed past a kernel-form cache take the same kernel path, through two scratch stores
-        # (their down columns are expanded from the scratch rows: cheaper than transposing them into a store)
+        # records streamed past a kernel-form cache without the C FFN take the same kernel path, through two
+        # scratch stores (their down columns are expanded from the scratch rows: cheaper than transposing them)
         self.stream_stores = (PackedInt4(SCRATCH_ROWS, spec.d), PackedInt4(SCRATCH_ROWS, spec.d)) \
-            if any(p is not None for p in self.packed) else None
+            if any(p is not None and n is None for p, n in zip(self.packed, self.native)) else None
         self.times = TokenTimes()
         self.counters = FlashCounters(layer_needed=np.zeros(len(layouts), dtype=np.int64))
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
@@ -99,17 +128,22 @@ class FlashFFN:
 
     @staticmethod
     def work_bytes_for(spec: FFNSpec, record_bytes: int, tokens: int, quantized: bool = False,
-                       kernel: bool = False, columns: bool = False) -> int:
+                       kernel: bool = False, columns: bool = False, native: RecordFFN | None = None) -> int:
         """Memory the FFN's work takes beyond its caches: the scratch rows and the temporaries of a
         forward pass over `tokens` tokens; quantized records add the buffer of gathered rows and a block's
         products (gate, up, coefficients). Their expansion goes into the model's Workspace, counted there.
         A kernel-form cache adds the two scratch stores and its products over every cached slot; down
-        columns in the int8 kernel's form (`columns`) the temporaries of their sum."""
-        work = 2 * SCRATCH_ROWS * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
+        columns in the int8 kernel's form (`columns`) the temporaries of their sum; the C FFN (`native`)
+        the temporaries of its calls, and no scratch stores."""
+        work = 2 * stream_rows(spec, record_bytes, native) * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
         if quantized:
             work += COMPUTE_ROWS * (record_bytes + tokens * 4 * 3)
+        if native is not None:
+            work += native.work_bytes(tokens, spec.n_ff) + spec.n_ff * 8  # + the slots of the needed records
+        if kernel and native is None:
+            work += 2 * PackedInt4.bytes_for(SCRATCH_ROWS, spec.d)
         if kernel:
-            work += 2 * PackedInt4.bytes_for(SCRATCH_ROWS, spec.d) + tokens * packed.slots_for(spec.n_ff) * 4 * 3
+            work += tokens * packed.slots_for(spec.n_ff) * 4 * 3
         if kernel and columns:
             work += Int8Columns.work_bytes(spec.n_ff, spec.d, tokens)
         return work
@@ -153,11 +187,15 @@ class FlashFFN:
             cache.commit(insert)
             self.times.io += time.perf_counter() - t2
         overflow = missing[len(insert):]  # what the cache cannot hold streams past it, read ahead
-        pending = self._prefetch.submit(self._read, layer, overflow[:SCRATCH_ROWS],
-                                        self.scratches[0][:min(len(overflow), SCRATCH_ROWS)]) if len(overflow) else None
+        pending = self._prefetch.submit(self._read, layer, overflow[:self.chunk],
+                                        self.scratches[0][:min(len(overflow), self.chunk)]) if len(overflow) else None
         t3 = time.perf_counter()
         if self.packed[layer] is not None:
             y = self._compute_packed(layer, x, mask, self.packed[layer], cache.pointer[:cache.num_used], cache.matrix, 0)
+        elif self.native[layer] is not None:  # the needed cached records where they lie
+            ids = np.concatenate([hits, insert])
+            y = self.native[layer](cache.matrix, x, mask[:, torch.from_numpy(ids)], self._threshold(layer),
+                                   index=cache.slot_of[ids]).to(x.dtype)
         elif self.layouts[layer].quantized:  # expand only the rows this token needs, a block at a time
             ids = np.concatenate([hits, insert])
             slots = torch.from_numpy(cache.slot_of[ids])
@@ -173,21 +211,24 @@ class FlashFFN:
         return y + self._stream(layer, x, mask, overflow, pending)
 
     def _stream(self, layer: int, x: torch.Tensor, mask: torch.Tensor, overflow: np.ndarray, pending) -> torch.Tensor:
-        """The FFN over records that do not fit the cache, SCRATCH_ROWS at a time through two scratch
+        """The FFN over records that do not fit the cache, self.chunk at a time through two scratch
         buffers: the next chunk is read (by the prefetch thread) while this one computes. `pending` is the
         read of the first chunk, started before the cached neurons were computed."""
         y = torch.zeros(x.shape[0], self.spec.d, dtype=x.dtype)
         layout, kernel = self.layouts[layer], self.packed[layer] is not None
-        for i, start in enumerate(range(0, len(overflow), SCRATCH_ROWS)):
-            ids, rows = overflow[start:start + SCRATCH_ROWS], self.scratches[i % 2]
+        for i, start in enumerate(range(0, len(overflow), self.chunk)):
+            ids, rows = overflow[start:start + self.chunk], self.scratches[i % 2]
             t0 = time.perf_counter()
             pending.result()  # the read of this chunk; the wait is the I/O time the token sees
             t1 = time.perf_counter()
             self.times.io += t1 - t0
-            following = overflow[start + SCRATCH_ROWS:start + 2 * SCRATCH_ROWS]
+            following = overflow[start + self.chunk:start + 2 * self.chunk]
             if len(following):
                 pending = self._prefetch.submit(self._read, layer, following, self.scratches[(i + 1) % 2][:len(following)])
-            if kernel:  # gate/up through the scratch stores: the same numbers as cached rows
+            if self.native[layer] is not None:
+                y += self.native[layer](rows, x, mask[:, torch.from_numpy(ids)], self._threshold(layer),
+                                        n=len(ids)).to(x.dtype)
+            elif kernel:  # gate/up through the scratch stores: the same numbers as cached rows
                 self._write_stores(layer, self.stream_stores, 0, rows[:len(ids)])
                 y += self._compute_packed(layer, x, mask, self.stream_stores, ids, rows, layout.column("down").start)
             else:
@@ -200,8 +241,8 @@ class FlashFFN:
         the kernel stores, else the down column into the cache rows (I/O, then memory management)."""
         cache, layout = self.caches[layer], self.layouts[layer]
         down = layout.column("down")
-        for start in range(0, len(ids), SCRATCH_ROWS):
-            chunk = ids[start:start + SCRATCH_ROWS]
+        for start in range(0, len(ids), self.chunk):
+            chunk = ids[start:start + self.chunk]
             rows = self.scratches[0][:len(chunk)]
             t0 = time.perf_counter()
             self._read(layer, chunk, rows)
@@ -251,6 +292,10 @@ class FlashFFN:
             torch.index_select(source, 0, block, out=gathered)
             y += combine(a[:, block], from_records(gathered, down.kind, down.values), self.work)
         return y.to(x.dtype)
+
+    def _threshold(self, layer: int) -> float | None:
+        """The activation threshold the FFN applies on top of the needed set (none in a prompt's prefill)."""
+        return None if self._prompt else self.thresholds[layer]
 
     def _needed_mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.estimate_gate_up:  # the estimate is what the FFN computes with

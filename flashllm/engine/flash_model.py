@@ -15,7 +15,7 @@ from flashllm.disk.reader import FlashReader
 from flashllm.disk.system import bound_heap, current_rss, kernel_read_bytes, peak_rss, release_free_heap, start_runtime
 from flashllm.engine.budget import BudgetPlan, plan_budget
 from flashllm.engine.cache import POLICIES, NeuronCache
-from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN, down_columns, kernel_form
+from flashllm.engine.flash_ffn import FlashEmbedding, FlashFFN, down_columns, kernel_form, native_ffn
 from flashllm.engine.generate import GenerationStats, SamplingSettings, generate
 from flashllm.engine.stats import FlashStats, sparsity_bands
 from flashllm.errors import FlashLLMError
@@ -49,6 +49,9 @@ class FlashSettings:
     # int4 gate/up records: the caches keep gate/up in torch's int4 kernel layout (flashllm.models.packed)
     # and compute on them in place; False: cached records are expanded to float32 per token (the old path)
     kernel_cache: bool = True
+    # quantized records computed from their bytes by the C FFN (flashllm.native) where it can be built;
+    # False: the torch path only
+    native: bool = True
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -125,10 +128,11 @@ class FlashModel:
         # passed over is said in `notes`. gate/up from the predictors with only down columns read (exact
         # on an int4 bundle whose predictors are its own gate/up), then whole records with the predictors
         # choosing them, then every record (predictors that do not fit are dropped, never a refusal).
-        # Before them all: the whole FFN cached in the kernels' forms without predictors, where that fits,
-        # since every cached neuron is computed in the kernels anyway (the predictors would only add work).
-        choices = []  # (parts, with predictors, only if every neuron is cached in kernel form)
-        if use_predictors and settings.gate_up == "auto" and settings.kernel_cache:
+        # Before them all: the whole FFN cached without predictors, where that fits in the C FFN's or the
+        # kernels' form: computing every neuron there costs less than the predictors (Qwen2.5: 200 ms a token
+        # for every neuron in C, 104 ms for the predictors alone).
+        choices = []  # (parts, with predictors, only if every neuron is cached)
+        if use_predictors and settings.gate_up == "auto" and (settings.kernel_cache or settings.native):
             choices.append((None, False, True))
         if settings.gate_up == "int4" or (settings.gate_up == "auto" and use_predictors and
                                           self._owns_gate_up(bundle, psettings)):
@@ -141,13 +145,20 @@ class FlashModel:
         for i, (parts, with_predictors, whole_only) in enumerate(choices):
             self.layouts = [bundle.record_layout(layer, parts) for layer in range(L)]
             record = max(layout.record_bytes for layout in self.layouts)
-            # a cached neuron: its record, or in kernel form its down column plus the packed gate/up rows
-            self.kernel_form = settings.kernel_cache and all(kernel_form(layout) for layout in self.layouts)
+            # the C FFN where it serves every layer's records, cached and streamed (faster than the kernel
+            # form below on Qwen2.5's records, 200 against 250-270 ms a token in RAM, and float32 throughout)
+            natives = [native_ffn(layout, self.spec) if settings.native and (parts is None or "gate" in parts)
+                       else None for layout in self.layouts]
+            if any(n is None for n in natives):
+                natives = [None] * L
+            # else a cached neuron: its record, or in kernel form its down column plus the packed gate/up rows
+            self.kernel_form = settings.kernel_cache and natives[0] is None and \
+                all(kernel_form(layout) for layout in self.layouts)
             # and its down column too in the int8 kernel's form (int8 down records): the cache row keeps nothing
             columns = self.kernel_form and all(down_columns(layout) for layout in self.layouts)
             fixed = {**common, "predictors": predictor_bytes if with_predictors else 0,
                      "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized,
-                                                         self.kernel_form, columns)}
+                                                         self.kernel_form, columns, natives[0])}
             row = per_neuron = record
             if self.kernel_form:
                 row = 0 if columns else \
@@ -165,9 +176,10 @@ class FlashModel:
                                                     cache=settings.cache)
                 if not whole_only:
                     break
-                if self.kernel_form and min(self.plan.capacities) >= self.spec.n_ff:
-                    self.notes.append("every neuron fits in DRAM in the kernels' form: no predictors, every "
-                                      "neuron computed (mode dense)")
+                if (self.kernel_form or natives[0] is not None) and min(self.plan.capacities) >= self.spec.n_ff:
+                    self.notes.append("every neuron fits in DRAM" + (" in the kernels' form" if self.kernel_form else
+                                                                     "") + ": no predictors, every neuron computed "
+                                      "(mode dense)")
                     break
             except FlashLLMError:
                 if i == len(choices) - 1:
@@ -215,7 +227,13 @@ class FlashModel:
                 cache.companions = list(pair)
         self.ffn = FlashFFN(self.spec, self.layouts, self.caches, self.reader, self.mode, self.thresholds,
                             self.predictors, self._load_oracle() if self.mode == "oracle" else None,
-                            estimate_gate_up=self.gate_up == "int4", work=self.workspace, packed=stores)
+                            estimate_gate_up=self.gate_up == "int4", work=self.workspace, packed=stores,
+                            native=natives)
+        self.native = natives[0] is not None and self.gate_up != "int4"
+        if settings.native and not self.native and bundle.quantized and self.gate_up != "int4":
+            from flashllm import native  # noqa: PLC0415
+            self.notes.append(f"the C FFN does not serve these records ({native.why_not() or 'their parts or activation'}): "
+                              "computing them with torch")
         self.model.use_ffn(self.ffn)
         if self.workspace is not None:
             self.model.use_workspace(self.workspace)
@@ -309,7 +327,7 @@ class FlashModel:
         stats.sparsity = 1 - delta["needed"] / (steps * n_ff * L) if steps else 0.0
         stats.sparsity_bands = sparsity_bands(delta["layer_needed"].tolist(), steps, n_ff, self.calibrated)
         stats.window, stats.policy, stats.mode = self.settings.window, self.settings.policy, self.mode
-        stats.gate_up, stats.kernel_cache = self.gate_up, self.kernel_form
+        stats.gate_up, stats.kernel_cache, stats.native = self.gate_up, self.kernel_form, self.native
         stats.cache_share = self.plan.cache_share
         stats.step_ms = [1000 * s for s in gen.step_seconds]
 

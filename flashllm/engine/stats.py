@@ -38,6 +38,7 @@ class FlashStats:
     mode: str = ""
     gate_up: str = ""  # "int4": gate/up from the predictors in DRAM, only down read; "flash": every part read
     kernel_cache: bool = False  # the caches keep int4 gate/up in torch's kernel layout (flashllm.models.packed)
+    native: bool = False  # quantized records computed from their bytes in C (flashllm.native)
     cache_share: float = 0.0
     prefill_seconds: float = 0.0
     step_ms: list[float] = field(default_factory=list)

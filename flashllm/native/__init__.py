@@ -1,0 +1,163 @@
+"""The FFN over quantized neuron records in C (ffn_rows.c), built with the machine's C compiler on first use.
+
+torch has no kernel that reads our records as they lie on flash (int4 groups of 32 with a float16 scale
+and minimum, int8 groups with a scale): the Python path repacks each record for torch's int4 kernel or
+expands it to float32, ~10 us a record. `ffn_rows` computes a record's gate and up products, its
+coefficient and its down column's share straight from the bytes (AVX2/FMA where the compiler targets them,
+plain C elsewhere), float32 throughout, the records split between threads, the GIL released (ctypes).
+
+The library is compiled once per source, compiler flags and CPU into $FLASHLLM_HOME/native (written to a
+temporary name, then renamed). No compiler, a failed build, or FLASHLLM_NATIVE=0: `library()` is None and
+the engine keeps its torch path (`why_not()` says why, for --verbose).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashllm.paths import home
+
+SOURCE = Path(__file__).with_name("ffn_rows.c")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+KINDS = {"int4": 1, "int8": 2}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+_P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_why_not: list[str] = []
+
+
+def _cpu() -> str:
+    """What the compiled code depends on: the machine and its CPU's flags (-march=native)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def build(target: Path, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Compile ffn_rows.c into `target` (a temporary name, then renamed); raises OSError or
+    subprocess.CalledProcessError."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.ffn_rows.restype = _I
+    lib.ffn_rows.argtypes = [_P, _I, _I, _P, _I, _C, _I, _C, _I, _C, _I, _C, _P, _I, _P, ctypes.c_float, _C,
+                             _P, _P, _P]
+    lib.ffn_rows_work_floats.restype = _I
+    lib.ffn_rows_work_floats.argtypes = [_I, _I]
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled library, built on first use; None where it cannot be (see why_not)."""
+    if os.environ.get("FLASHLLM_NATIVE", "1") == "0":
+        _why_not.append("FLASHLLM_NATIVE=0")
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
+    path = home() / "native" / f"ffn_rows-{key}.so"
+    try:
+        return load(path if path.exists() else build(path))
+    except subprocess.CalledProcessError as e:
+        _why_not.append(f"compiling {SOURCE.name} failed: {(e.stderr or '').strip().splitlines()[-1:]}")
+    except (OSError, subprocess.SubprocessError) as e:
+        _why_not.append(f"the C helper could not be built or loaded: {e}")
+    return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def why_not() -> str:
+    library()
+    return _why_not[-1] if _why_not else ""
+
+
+class RecordFFN:
+    """The FFN over one layout's records: where gate, up and down sit in a record and their kinds."""
+
+    def __init__(self, offsets: tuple[int, int, int], kinds: tuple[str, str, str], d: int, activation: str,
+                 threads: int | None = None, lib: ctypes.CDLL | None = None):
+        self.lib = lib or library()
+        if self.lib is None:
+            raise RuntimeError(f"the native FFN is not available: {why_not()}")
+        self.offsets, self.kinds = offsets, tuple(KINDS[k] for k in kinds)
+        self.d, self.activation = d, ACTIVATIONS[activation]
+        self.threads = max(1, threads or torch.get_num_threads())
+
+    @staticmethod
+    def supports(parts: dict[str, str | None], activation: str) -> bool:
+        """Whether records with these parts ({name: kind}) can be computed here: quantized gate, up and
+        down, no up bias, a gated activation this file knows."""
+        return set(parts) == {"gate", "up", "down"} and all(kind in KINDS for kind in parts.values()) \
+            and activation in ACTIVATIONS
+
+    def work_bytes(self, tokens: int, records: int) -> int:
+        """The temporaries of a call over `tokens` tokens and up to `records` records: each thread's split
+        of x and products, the other threads' partial sums, y, x as float32 and the keep mask as bytes."""
+        floats = self.lib.ffn_rows_work_floats(self.d, tokens)
+        return 4 * (self.threads * floats + (self.threads + 1) * tokens * self.d) + tokens * records
+
+    def __call__(self, rows: np.ndarray, x: torch.Tensor, keep: torch.Tensor | None, threshold: float | None,
+                 index: np.ndarray | None = None, n: int | None = None) -> torch.Tensor:
+        """sum over records r of a_r * down_r -> [T, d] float32, a_r = act(gate_r . x) * (up_r . x) where
+        keep[:, r] (None: every record) and, with a threshold, |a_r| > threshold.
+
+        rows: uint8 [*, record bytes or more], C-contiguous; the records are rows[index] (int64) when
+        given, else rows[:n]. keep: bool [T, records]."""
+        if rows.dtype != np.uint8 or rows.ndim != 2 or not rows.flags.c_contiguous:
+            raise ValueError("rows must be a C-contiguous uint8 matrix")
+        count = len(index) if index is not None else (n if n is not None else rows.shape[0])
+        x = x.float().contiguous()
+        T = x.shape[0]
+        y = torch.zeros(T, self.d)
+        if count == 0:
+            return y
+        if index is not None:
+            index = np.ascontiguousarray(index, dtype=np.int64)
+            if len(index) and (index.min() < 0 or index.max() >= rows.shape[0]):
+                raise IndexError("record index out of range")
+        elif count > rows.shape[0]:
+            raise IndexError(f"{count} records asked of {rows.shape[0]} rows")
+        mask = None
+        if keep is not None:
+            if tuple(keep.shape) != (T, count):
+                raise ValueError(f"keep must be [{T}, {count}], got {list(keep.shape)}")
+            mask = keep.contiguous().view(torch.uint8)
+        threads = min(self.threads, count)
+        work = torch.empty(threads * self.lib.ffn_rows_work_floats(self.d, T))
+        partial = torch.empty(max(threads - 1, 0), T, self.d)
+        self.lib.ffn_rows(rows.ctypes.data, count, rows.strides[0], None if index is None else index.ctypes.data,
+                          self.offsets[0], self.kinds[0], self.offsets[1], self.kinds[1], self.offsets[2],
+                          self.kinds[2], self.d, self.activation, x.data_ptr(), T,
+                          None if mask is None else mask.data_ptr(),
+                          -1.0 if threshold is None else float(threshold), threads, work.data_ptr(),
+                          partial.data_ptr(), y.data_ptr())
+        return y

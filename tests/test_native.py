@@ -1,0 +1,130 @@
+"""The C FFN over quantized records (flashllm.native) against the same sums in torch, both of its builds
+(AVX2/FMA for this machine, and plain C), and its refusal of what it cannot serve."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flashllm import native
+from flashllm.models.ffn import activate
+from flashllm.models.qrows import dequantize_rows, from_records, quantize_rows, row_bytes, to_records
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the engine keeps its torch path")
+
+D = 96  # three groups of 32 values: odd group counts reach the vector path's scalar tails
+
+
+@pytest.fixture(scope="module", params=["vector", "plain"])
+def lib(request, tmp_path_factory):
+    """The library as the engine builds it (-march=native) and without any vector extension."""
+    if request.param == "vector":
+        return native.library()
+    flags = tuple(f for f in native.FLAGS if f != "-march=native") + ("-mno-avx2", "-mno-fma", "-mno-f16c")
+    return native.load(native.build(tmp_path_factory.mktemp("plain") / "plain.so", flags))
+
+
+def records(n: int, kinds: tuple[str, str, str], seed: int = 0) -> tuple[np.ndarray, dict]:
+    """n records [gate | up | down] of these kinds with a spare byte at the end of each (a row wider than
+    the record, as the engine's scratch rows are), and the float rows they stand for."""
+    g = torch.Generator().manual_seed(seed)
+    parts, rows, columns, start = {}, [], {}, 0
+    for name, kind in zip(("gate", "up", "down"), kinds):
+        w = torch.randn(n, D, generator=g) * (0.3 if name != "down" else 0.1)
+        q = quantize_rows(w, kind)
+        rows.append(to_records(q))
+        parts[name] = dequantize_rows(from_records(rows[-1], kind, D))
+        columns[name] = start
+        start += row_bytes(kind, D)
+    rows.append(torch.zeros(n, 1, dtype=torch.uint8))
+    return np.ascontiguousarray(torch.cat(rows, 1).numpy()), {"values": parts, "offsets": columns}
+
+
+def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to float32 summation order: within 2e-5 of the largest output value."""
+    return got.shape == expected.shape and float((got - expected).abs().max()) <= 2e-5 * float(expected.abs().max()) + 1e-7
+
+
+def reference(parts: dict, x: torch.Tensor, keep: torch.Tensor | None, threshold: float | None,
+              activation: str) -> torch.Tensor:
+    a = activate(x @ parts["gate"].T, activation) * (x @ parts["up"].T)  # [T, n]
+    chosen = torch.ones_like(a, dtype=torch.bool) if keep is None else keep.clone()
+    if threshold is not None:
+        chosen &= a.abs() > threshold
+    return (a * chosen) @ parts["down"]
+
+
+@pytest.mark.parametrize("kinds", [("int4", "int4", "int8"), ("int8", "int8", "int4"), ("int4", "int8", "int4")])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+def test_records_sum_like_torch(lib, kinds, activation):
+    rows, made = records(300, kinds)
+    offsets = tuple(made["offsets"][p] for p in ("gate", "up", "down"))
+    g = torch.Generator().manual_seed(1)
+    for T in (1, 3, 6):
+        x = torch.randn(T, D, generator=g)
+        keep = torch.rand(T, 300, generator=g) > 0.3
+        for threads in (1, 2, 3):
+            ffn = native.RecordFFN(offsets, kinds, D, activation, threads=threads, lib=lib)
+            for mask, threshold in ((None, None), (keep, None), (keep, 0.05)):
+                expected = reference(made["values"], x, mask, threshold, activation)
+                got = ffn(rows, x, mask, threshold)
+                assert close(got, expected), (T, threads, threshold)
+
+
+def test_records_by_index_and_by_count(lib):
+    """The cache's case (records wherever their slots are) and the scratch's (the first n rows)."""
+    kinds = ("int4", "int4", "int8")
+    rows, made = records(200, kinds, seed=2)
+    ffn = native.RecordFFN(tuple(made["offsets"][p] for p in ("gate", "up", "down")), kinds, D, "silu", lib=lib)
+    x = torch.randn(2, D)
+    slots = np.array([150, 3, 77, 199, 0, 42])
+    parts = {name: v[torch.from_numpy(slots)] for name, v in made["values"].items()}
+    keep = torch.tensor([[True, False, True, True, True, False], [True, True, True, False, True, True]])
+    assert close(ffn(rows, x, keep, 0.01, index=slots), reference(parts, x, keep, 0.01, "silu"))
+    first = {name: v[:40] for name, v in made["values"].items()}
+    assert close(ffn(rows, x, None, None, n=40), reference(first, x, None, None, "silu"))
+    assert torch.equal(ffn(rows, x, None, None, n=0), torch.zeros(2, D))
+    assert ffn(rows, x.double(), None, None, n=5).dtype == torch.float32  # x in any float dtype
+
+
+def test_bad_calls_are_refused_before_reaching_c():
+    kinds = ("int4", "int4", "int8")
+    rows, made = records(10, kinds)
+    ffn = native.RecordFFN(tuple(made["offsets"][p] for p in ("gate", "up", "down")), kinds, D, "silu")
+    x = torch.randn(1, D)
+    with pytest.raises(IndexError):
+        ffn(rows, x, None, None, index=np.array([0, 10]))
+    with pytest.raises(IndexError):
+        ffn(rows, x, None, None, n=11)
+    with pytest.raises(ValueError):
+        ffn(rows[:, ::2], x, None, None)  # not contiguous
+    with pytest.raises(ValueError):
+        ffn(rows, x, torch.ones(1, 3, dtype=torch.bool), None)
+
+
+def test_what_the_c_ffn_does_not_serve():
+    assert native.RecordFFN.supports({"gate": "int4", "up": "int4", "down": "int8"}, "silu")
+    assert not native.RecordFFN.supports({"gate": None, "up": None, "down": None}, "silu")  # float records
+    assert not native.RecordFFN.supports({"up": "int4", "down": "int4", "up_bias": None}, "relu")  # ReLU + bias
+    assert not native.RecordFFN.supports({"gate": "int4", "up": "int4", "down": "int8"}, "relu")
+
+
+def test_disabled_or_unbuildable_leaves_the_torch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHLLM_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert not native.available() and native.why_not() == "FLASHLLM_NATIVE=0"
+    finally:
+        monkeypatch.delenv("FLASHLLM_NATIVE")
+        native.library.cache_clear()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FLASHLLM_HOME", str(tmp_path / "home"))  # nothing built there yet
+    try:
+        assert not native.available() and "could not be built" in native.why_not()
+        assert not list((tmp_path / "home").rglob("*.tmp"))  # no half-written library left behind
+    finally:
+        monkeypatch.delenv("CC")
+        native.library.cache_clear()
+    assert native.available()
