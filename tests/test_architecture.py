@@ -1,6 +1,6 @@
 """The floor plan holds: imports run one way (no cycle among flashllm's modules), no module grows past
 ~450 lines, and the layers import only downwards (ARCHITECTURE: cli -> measure -> engine -> sparsity ->
-bundle -> sources -> {disk, models} -> {units, errors, paths})."""
+bundle -> sources -> {disk, models, native} -> {units, errors, paths})."""
 
 import ast
 from pathlib import Path
@@ -11,7 +11,7 @@ PACKAGE = Path(flashllm.__file__).parent
 MAX_LINES = 450
 # a module may import only from its own layer or the ones after it
 LAYERS = [{"cli", "__main__", "render", "api", "serve"}, {"measure"}, {"engine"}, {"sparsity"}, {"bundle"}, {"sources"},
-          {"disk", "models", "tokenizer", "corpus", "hub"}, {"units", "errors", "paths", "configs"}]
+          {"disk", "models", "native", "tokenizer", "corpus", "hub"}, {"units", "errors", "paths", "configs"}]
 
 
 def modules() -> dict[str, Path]:

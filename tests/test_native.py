@@ -128,3 +128,21 @@ def test_disabled_or_unbuildable_leaves_the_torch_path(monkeypatch, tmp_path):
         monkeypatch.delenv("CC")
         native.library.cache_clear()
     assert native.available()
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantized_rows_times_x_like_torch(lib, kind):
+    """native.matmul: the LM head's and other resident matrices' products straight from their rows (views
+    of records as loaded, any row stride), float32, the rows split between threads."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(301, D, generator=g) * 0.2
+    q = from_records(to_records(quantize_rows(w, kind)), kind, D)  # views of [n, row bytes] records
+    assert q.codes.stride(0) == row_bytes(kind, D) // q.codes.element_size()
+    expected_w = dequantize_rows(q)
+    for T in (1, 4, 5):
+        x = torch.randn(T, D, generator=g)
+        for threads in (1, 2, 7):
+            got = native.matmul(q, x, threads=threads, lib=lib)
+            assert close(got, x @ expected_w.T), (T, threads)
+    with pytest.raises(ValueError):
+        native.matmul(q, torch.randn(1, D + 32), lib=lib)

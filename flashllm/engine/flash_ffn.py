@@ -22,6 +22,7 @@ from flashllm.engine.stats import TokenTimes
 from flashllm.models.ffn import COMPUTE_ROWS, FFNSpec, activate, active_mask, ffn_over_rows, neuron_coefficients
 from flashllm.models import packed
 from flashllm.native import RecordFFN
+from flashllm.native import available as native_available
 from flashllm.models.packed import Int8Columns, PackedInt4
 from flashllm.models.qrows import Workspace, combine, dequantize_rows, from_records
 from flashllm.sparsity.predictors import Predictors
@@ -46,9 +47,8 @@ def kernel_form(layout: RecordLayout) -> bool:
 def native_ffn(layout: RecordLayout, spec: FFNSpec, threads: int | None = None) -> RecordFFN | None:
     """The C FFN over this layout's records (flashllm.native), or None where it cannot serve them (no
     compiler, float or biased records, an activation it lacks): the torch path computes those."""
-    from flashllm import native  # noqa: PLC0415 (built on first use)
     parts = {p.name: p.kind for p in layout.parts}
-    if not spec.gated or not RecordFFN.supports(parts, spec.activation) or not native.available():
+    if not spec.gated or not RecordFFN.supports(parts, spec.activation) or not native_available():
         return None
     columns = [layout.column(name) for name in ("gate", "up", "down")]
     return RecordFFN(tuple(c.start for c in columns), tuple(c.kind for c in columns), spec.d, spec.activation,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flashllm import native
 from flashllm.errors import FlashLLMError
 from flashllm.models.quant import _ROW_BLOCK, Int4Matrix, kernel_available
 
@@ -351,7 +352,10 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, work: Workspace
     rows at a time, into `work` when given) or a matrix in a kernel's form (Int4Matrix)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    y = project(x, w, work) if isinstance(w, QRows) else w.matmul(x, work) if isinstance(w, Int8Groups) else w.matmul(x)
+    if isinstance(w, QRows):  # straight from the codes in C where it builds (float32; Qwen's head 2x faster)
+        y = native.matmul(w, x) if native.available() else project(x, w, work)
+    else:
+        y = w.matmul(x, work) if isinstance(w, Int8Groups) else w.matmul(x)
     y = y.to(x.dtype)
     return y if bias is None else y + bias
 

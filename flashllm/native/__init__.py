@@ -71,6 +71,8 @@ def load(path: Path) -> ctypes.CDLL:
                              _P, _P, _P]
     lib.ffn_rows_work_floats.restype = _I
     lib.ffn_rows_work_floats.argtypes = [_I, _I]
+    lib.rows_matmul.restype = None
+    lib.rows_matmul.argtypes = [_P, _I, _P, _I, _P, _I, _C, _I, _I, _P, _I, _C, _P, _P]
     return lib
 
 
@@ -98,6 +100,34 @@ def available() -> bool:
 def why_not() -> str:
     library()
     return _why_not[-1] if _why_not else ""
+
+
+def _rows_of(t: torch.Tensor) -> tuple[int, int]:
+    """A matrix of rows whose values are contiguous (any row stride): its address and row stride in bytes."""
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise ValueError("quantized rows must have contiguous values")
+    return t.data_ptr(), t.stride(0) * t.element_size()
+
+
+def matmul(q, x: torch.Tensor, threads: int | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [T, k] @ W.T -> [T, n] float32 for quantized rows W (flashllm.models.qrows.QRows, int4 or int8, any
+    row stride: views of records as loaded), float32 throughout, the rows split between threads."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not available: {why_not()}")
+    x = x.float().contiguous()
+    T, n, k = x.shape[0], q.n, q.k
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} values a row, the matrix {k}")
+    y = torch.empty(T, n)
+    if n == 0 or T == 0:
+        return y.zero_()
+    codes, scales = _rows_of(q.codes), _rows_of(q.scales)
+    mins = _rows_of(q.mins) if q.mins is not None else (None, 0)
+    work = torch.empty(T * (k + k // 32))
+    lib.rows_matmul(codes[0], codes[1], scales[0], scales[1], mins[0], mins[1], KINDS[q.kind], n, k,
+                    x.data_ptr(), T, max(1, threads or torch.get_num_threads()), work.data_ptr(), y.data_ptr())
+    return y
 
 
 class RecordFFN:

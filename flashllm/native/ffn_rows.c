@@ -65,8 +65,8 @@ static void split_tokens(const float *x, int64_t T, int64_t k, float *even, floa
     }
 }
 
-static inline float dot_int4(const uint8_t *row, int64_t k, const float *even, const float *odd, const float *sums) {
-    const uint8_t *codes = row, *scales = row + k / 2, *mins = row + k / 2 + 2 * (k / GROUP);
+static inline float dot_int4(const uint8_t *codes, const uint8_t *scales, const uint8_t *mins, int64_t k,
+                             const float *even, const float *odd, const float *sums) {
     float total = 0.f;
     for (int64_t g = 0; g < k / GROUP; g++) {
         const uint8_t *c = codes + g * (GROUP / 2);
@@ -78,9 +78,8 @@ static inline float dot_int4(const uint8_t *row, int64_t k, const float *even, c
     return total;
 }
 
-static inline float dot_int8(const uint8_t *row, int64_t k, const float *x) {
-    const int8_t *codes = (const int8_t *)row;
-    const uint8_t *scales = row + k;
+static inline float dot_int8(const uint8_t *bytes, const uint8_t *scales, int64_t k, const float *x) {
+    const int8_t *codes = (const int8_t *)bytes;
     float total = 0.f;
     for (int64_t g = 0; g < k / GROUP; g++) {
         const int8_t *c = codes + g * GROUP;
@@ -150,12 +149,12 @@ static inline void codes_int8(const int8_t *c, __m256 v[4]) {
 }
 #endif
 
-/* out[t] = row . x_t for T tokens; int4 rows take the tokens' even/odd split and group sums */
-static void dots(const uint8_t *row, int kind, int64_t k, const float *x, const float *even, const float *odd,
-                 const float *sums, int64_t T, float *out) {
+/* out[t * step] = row . x_t for T tokens, the row's codes, float16 scales (and int4 minimums) where given;
+ * int4 rows take the tokens' even/odd split and group sums */
+static void dots(const uint8_t *row, const uint8_t *scales, const uint8_t *mins, int kind, int64_t k, const float *x,
+                 const float *even, const float *odd, const float *sums, int64_t T, float *out, int64_t step) {
     int64_t G = k / GROUP;
 #ifdef VECTOR
-    const uint8_t *scales = row + (kind == KIND_INT4 ? k / 2 : k);
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
         int64_t tb = T - t0 < 4 ? T - t0 : 4;
         __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -176,23 +175,23 @@ static void dots(const uint8_t *row, int kind, int64_t k, const float *x, const 
                 total[i] = _mm256_fmadd_ps(acc, scale, total[i]);
             }
         }
-        for (int64_t i = 0; i < tb; i++) out[t0 + i] = hsum(total[i]);
+        for (int64_t i = 0; i < tb; i++) out[(t0 + i) * step] = hsum(total[i]);
     }
     if (kind == KIND_INT4) { /* + sum_g min_g * (sum of x over group g) */
-        const uint8_t *mins = row + k / 2 + 2 * G;
         for (int64_t t = 0; t < T; t++) {
             __m256 m = _mm256_setzero_ps();
             int64_t g = 0;
             for (; g + 8 <= G; g += 8) m = _mm256_fmadd_ps(halves8(mins + 2 * g), _mm256_loadu_ps(sums + t * G + g), m);
             float extra = hsum(m);
             for (; g < G; g++) extra += half_at(mins, g) * sums[t * G + g];
-            out[t] += extra;
+            out[t * step] += extra;
         }
     }
 #else
     for (int64_t t = 0; t < T; t++)
-        out[t] = kind == KIND_INT4 ? dot_int4(row, k, even + t * (k / 2), odd + t * (k / 2), sums + t * G)
-                                   : dot_int8(row, k, x + t * k);
+        out[t * step] = kind == KIND_INT4 ? dot_int4(row, scales, mins, k, even + t * (k / 2), odd + t * (k / 2),
+                                                     sums + t * G)
+                                          : dot_int8(row, scales, k, x + t * k);
 #endif
 }
 
@@ -221,6 +220,13 @@ static void adds(const uint8_t *row, int kind, int64_t k, const float *a, const 
     }
 }
 
+/* dots over a record's part: codes, then float16 scales, then (int4) float16 minimums */
+static void part_dots(const uint8_t *part, int kind, int64_t k, const float *x, const float *even, const float *odd,
+                      const float *sums, int64_t T, float *out) {
+    int64_t codes = kind == KIND_INT4 ? k / 2 : k;
+    dots(part, part + codes, part + codes + 2 * (k / GROUP), kind, k, x, even, odd, sums, T, out, 1);
+}
+
 struct job {
     const uint8_t *rows;
     int64_t n, stride;
@@ -246,8 +252,8 @@ static void *run_job(void *arg) {
     if (j->gate_kind == KIND_INT4 || j->up_kind == KIND_INT4) split_tokens(j->x, T, k, even, odd, sums);
     for (int64_t r = j->begin; r < j->end; r++) {
         const uint8_t *record = j->rows + (j->index ? j->index[r] : r) * j->stride;
-        dots(record + j->gate_offset, j->gate_kind, k, j->x, even, odd, sums, T, g);
-        dots(record + j->up_offset, j->up_kind, k, j->x, even, odd, sums, T, u);
+        part_dots(record + j->gate_offset, j->gate_kind, k, j->x, even, odd, sums, T, g);
+        part_dots(record + j->up_offset, j->up_kind, k, j->x, even, odd, sums, T, u);
         int64_t count = 0;
         for (int64_t t = 0; t < T; t++) {
             if (j->keep && !j->keep[t * j->n + r]) continue;
@@ -299,3 +305,46 @@ int64_t ffn_rows(const uint8_t *rows, int64_t n, int64_t stride, const int64_t *
 
 /* floats of `work` each thread takes, for Python's allocation */
 int64_t ffn_rows_work_floats(int64_t k, int64_t T) { return WORK_FLOATS(k, T); }
+
+/* y [T, n] = x [T, k] @ W.T for quantized rows W: row r's codes at codes + r * codes_stride, its float16 scales
+ * at scales + r * scales_stride (int4: minimums at mins + r * mins_stride); the rows split between threads.
+ * work: (k + k / 32) * T floats (int4: x's even/odd split and group sums). */
+struct rows_job {
+    const uint8_t *codes, *scales, *mins;
+    int64_t codes_stride, scales_stride, mins_stride, k, T, n, begin, end;
+    int kind;
+    const float *x, *work;
+    float *y;
+};
+
+static void *run_rows(void *arg) {
+    struct rows_job *j = arg;
+    int64_t k = j->k, T = j->T;
+    const float *even = j->work, *odd = even + T * (k / 2), *sums = even + T * k;
+    for (int64_t r = j->begin; r < j->end; r++)
+        dots(j->codes + r * j->codes_stride, j->scales + r * j->scales_stride,
+             j->mins ? j->mins + r * j->mins_stride : NULL, j->kind, k, j->x, even, odd, sums, T, j->y + r, j->n);
+    return NULL;
+}
+
+void rows_matmul(const uint8_t *codes, int64_t codes_stride, const uint8_t *scales, int64_t scales_stride,
+                 const uint8_t *mins, int64_t mins_stride, int kind, int64_t n, int64_t k, const float *x, int64_t T,
+                 int threads, float *work, float *y) {
+    struct rows_job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    if (kind == KIND_INT4) split_tokens(x, T, k, work, work + T * (k / 2), work + T * k);
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > n) threads = n > 0 ? (int)n : 1;
+    for (int i = 0; i < threads; i++) {
+        struct rows_job j = {codes, scales, mins, codes_stride, scales_stride, mins_stride, k, T, n,
+                             n * i / threads, n * (i + 1) / threads, kind, x, work, y};
+        jobs[i] = j;
+    }
+    int started = 1;
+    for (int i = 1; i < threads; i++, started++)
+        if (pthread_create(&ids[i], NULL, run_rows, &jobs[i]) != 0) break;
+    for (int i = started; i < threads; i++) run_rows(&jobs[i]);
+    run_rows(&jobs[0]);
+    for (int i = 1; i < started; i++) pthread_join(ids[i], NULL);
+}
