@@ -8,6 +8,15 @@ import pytest
 REAL_HOME = Path(os.environ.get("FLASHLLM_TEST_MODELS", Path.home() / ".cache" / "flashllm"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_builds(tmp_path_factory):
+    """One folder for the C helper's builds across the session, subprocesses included (each test's own
+    FLASHLLM_HOME would compile it again in every CLI run)."""
+    os.environ["FLASHLLM_NATIVE_DIR"] = str(tmp_path_factory.mktemp("native"))
+    yield
+    del os.environ["FLASHLLM_NATIVE_DIR"]
+
+
 @pytest.fixture(autouse=True)
 def temp_home(tmp_path, monkeypatch):
     home = tmp_path / "flashllm-home"

@@ -120,10 +120,10 @@ def test_disabled_or_unbuildable_leaves_the_torch_path(monkeypatch, tmp_path):
         monkeypatch.delenv("FLASHLLM_NATIVE")
         native.library.cache_clear()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("FLASHLLM_HOME", str(tmp_path / "home"))  # nothing built there yet
+    monkeypatch.setenv("FLASHLLM_NATIVE_DIR", str(tmp_path / "builds"))  # nothing built there yet
     try:
         assert not native.available() and "could not be built" in native.why_not()
-        assert not list((tmp_path / "home").rglob("*.tmp"))  # no half-written library left behind
+        assert not list((tmp_path / "builds").rglob("*"))  # no half-written library left behind
     finally:
         monkeypatch.delenv("CC")
         native.library.cache_clear()

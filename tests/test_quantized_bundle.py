@@ -78,6 +78,8 @@ def test_engine_on_every_neuron_equals_the_dense_quantized_model(quantized):
     assert flash.native == small.native == native.available()  # the C FFN where it builds, else the kernels
     assert flash.kernel_form == small.kernel_form == (kind == "int4" and packed.available() and not flash.native)
     assert (flash_logits(small) - ours).abs().max() < 1e-5
+    # dense mode knows each layer's needs in advance: the C FFN's stream reads the next layer's first chunk
+    assert small.ffn.counters.read_ahead > 0 if small.native else small.ffn.counters.read_ahead == 0
     tokens = list(small.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False)))
     assert tokens == list(flash.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False)))
 

@@ -234,10 +234,11 @@ class FlashReader:
 
     @property
     def staging_bound(self) -> int:
-        """The most the staging buffers can ever hold: one per worker and one for the calling thread,
-        each a power of two covering a chunk plus one request (see `_buffer`)."""
+        """The most the staging buffers can ever hold: one per worker and one for each of two calling
+        threads (the engine reads from its main thread and its prefetch thread, at once when it reads
+        ahead), each a power of two covering a chunk plus one request (see `_buffer`)."""
         per_thread = 1 << (self.chunk_bytes + self.max_request_bytes - 1).bit_length()
-        return (self.threads + 1) * per_thread
+        return (self.threads + 2) * per_thread
 
     # -- files --------------------------------------------------------------------------------
 

@@ -75,6 +75,7 @@ class FlashCounters:
 
     needed: int = 0
     hit: int = 0
+    read_ahead: int = 0  # layers whose first streamed chunk the previous layer read, guessed right
     layer_needed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
@@ -124,6 +125,7 @@ class FlashFFN:
         self.counters = FlashCounters(layer_needed=np.zeros(len(layouts), dtype=np.int64))
         self.trace: list[list[np.ndarray]] | None = None  # [[] per layer] records each token's needed set
         self._estimate: torch.Tensor | None = None  # estimate_gate_up: this layer's a~ [T, n_ff]
+        self._ahead: tuple | None = None  # (layer, ids, read, scratch buffer): read_ahead's guess
         self._prompt = False  # this pass is a prompt's prefill: every neuron (sparsity.reference.PROMPT_DENSE_NOTE)
 
     @staticmethod
@@ -187,8 +189,10 @@ class FlashFFN:
             cache.commit(insert)
             self.times.io += time.perf_counter() - t2
         overflow = missing[len(insert):]  # what the cache cannot hold streams past it, read ahead
-        pending = self._prefetch.submit(self._read, layer, overflow[:self.chunk],
-                                        self.scratches[0][:min(len(overflow), self.chunk)]) if len(overflow) else None
+        pending, first = self._started(layer, overflow[:self.chunk])
+        if pending is None and len(overflow):
+            pending = self._prefetch.submit(self._read, layer, overflow[:self.chunk],
+                                            self.scratches[first][:min(len(overflow), self.chunk)])
         t3 = time.perf_counter()
         if self.packed[layer] is not None:
             y = self._compute_packed(layer, x, mask, self.packed[layer], cache.pointer[:cache.num_used], cache.matrix, 0)
@@ -208,23 +212,54 @@ class FlashFFN:
         else:  # float rows: the FFN over the whole cache matrix in place, restricted by the mask
             y = self._compute(layer, x, mask, cache.matrix[:cache.num_used], cache.pointer[:cache.num_used])
         self.times.ffn_compute += time.perf_counter() - t3
-        return y + self._stream(layer, x, mask, overflow, pending)
+        return y + self._stream(layer, x, mask, overflow, pending, first)
 
-    def _stream(self, layer: int, x: torch.Tensor, mask: torch.Tensor, overflow: np.ndarray, pending) -> torch.Tensor:
+    def _started(self, layer: int, ids: np.ndarray) -> tuple:
+        """The read of this layer's first streamed chunk if the previous layer started it (read_ahead) and
+        guessed these very records, with its scratch buffer; else (None, a free buffer)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None, 0
+        guessed_layer, guessed, pending, buffer = ahead
+        if guessed_layer == layer and np.array_equal(guessed, ids):
+            self.counters.read_ahead += 1
+            return pending, buffer
+        pending.result()  # a wrong guess: its buffer is free once the read is done
+        return None, buffer
+
+    def _read_ahead(self, layer: int, buffer: int) -> None:
+        """In dense mode the next layer's needs are known before it runs (every neuron): what its cache
+        lacks beyond its free room streams, so its first chunk is read now, while this layer's last chunk,
+        the next attention (and after the last layer the LM head) compute. The disk idled there before."""
+        if self.mode != "dense" or self.native[layer] is None:
+            return
+        cache = self.caches[layer]
+        missing = np.flatnonzero(cache.slot_of < 0)
+        ids = missing[cache.capacity - cache.num_used:][:self.chunk]
+        if len(ids):
+            rows = self.scratches[buffer][:len(ids)]
+            self._ahead = (layer, ids, self._prefetch.submit(self._read, layer, ids, rows), buffer)
+
+    def _stream(self, layer: int, x: torch.Tensor, mask: torch.Tensor, overflow: np.ndarray, pending,
+                first: int = 0) -> torch.Tensor:
         """The FFN over records that do not fit the cache, self.chunk at a time through two scratch
-        buffers: the next chunk is read (by the prefetch thread) while this one computes. `pending` is the
-        read of the first chunk, started before the cached neurons were computed."""
+        buffers (the first chunk's is `first`): the next chunk is read (by the prefetch thread) while this
+        one computes, and after the last, the next layer's first. `pending` is the read of the first chunk,
+        started before the cached neurons were computed (or by the previous layer)."""
         y = torch.zeros(x.shape[0], self.spec.d, dtype=x.dtype)
         layout, kernel = self.layouts[layer], self.packed[layer] is not None
         for i, start in enumerate(range(0, len(overflow), self.chunk)):
-            ids, rows = overflow[start:start + self.chunk], self.scratches[i % 2]
+            ids, rows = overflow[start:start + self.chunk], self.scratches[(first + i) % 2]
             t0 = time.perf_counter()
             pending.result()  # the read of this chunk; the wait is the I/O time the token sees
             t1 = time.perf_counter()
             self.times.io += t1 - t0
             following = overflow[start + self.chunk:start + 2 * self.chunk]
             if len(following):
-                pending = self._prefetch.submit(self._read, layer, following, self.scratches[(i + 1) % 2][:len(following)])
+                pending = self._prefetch.submit(self._read, layer, following,
+                                                self.scratches[(first + i + 1) % 2][:len(following)])
+            else:
+                self._read_ahead((layer + 1) % len(self.caches), (first + i + 1) % 2)
             if self.native[layer] is not None:
                 y += self.native[layer](rows, x, mask[:, torch.from_numpy(ids)], self._threshold(layer),
                                         n=len(ids)).to(x.dtype)

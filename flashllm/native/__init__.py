@@ -6,8 +6,9 @@ expands it to float32, ~10 us a record. `ffn_rows` computes a record's gate and 
 coefficient and its down column's share straight from the bytes (AVX2/FMA where the compiler targets them,
 plain C elsewhere), float32 throughout, the records split between threads, the GIL released (ctypes).
 
-The library is compiled once per source, compiler flags and CPU into $FLASHLLM_HOME/native (written to a
-temporary name, then renamed). No compiler, a failed build, or FLASHLLM_NATIVE=0: `library()` is None and
+The library is compiled once per source, compiler flags and CPU into $FLASHLLM_HOME/native, or
+$FLASHLLM_NATIVE_DIR where set (written to a temporary name, then renamed; two processes building at once
+each rename a whole file). No compiler, a failed build, or FLASHLLM_NATIVE=0: `library()` is None and
 the engine keeps its torch path (`why_not()` says why, for --verbose).
 """
 
@@ -83,7 +84,7 @@ def library() -> ctypes.CDLL | None:
         _why_not.append("FLASHLLM_NATIVE=0")
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
-    path = home() / "native" / f"ffn_rows-{key}.so"
+    path = Path(os.environ.get("FLASHLLM_NATIVE_DIR") or home() / "native") / f"ffn_rows-{key}.so"
     try:
         return load(path if path.exists() else build(path))
     except subprocess.CalledProcessError as e:

@@ -12,6 +12,9 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 #define GROUP 32
 #define KIND_INT4 1
@@ -46,7 +49,11 @@ static inline float half_to_float(uint16_t h) {
 static inline float half_at(const uint8_t *p, int64_t i) {
     uint16_t h;
     memcpy(&h, p + 2 * i, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h); /* one instruction against the branches above: a scale per 32 values adds up */
+#else
     return half_to_float(h);
+#endif
 }
 
 /* x_t split for int4 rows: even [k/2], odd [k/2] values and per-group sums [k/32], per token */
