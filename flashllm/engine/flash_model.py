@@ -113,7 +113,8 @@ class FlashModel:
         self.model = bundle.family.model(c, weights, dtype, compute_form=False)  # converted above, one at a time
         # one workspace for every expansion of quantized rows: the FFN's records, QRows matrices, the head
         width = max(self.model.quantized_width, self.spec.d if bundle.quantized else 0)
-        self.workspace = Workspace(width) if width else None
+        # (made once the plan is chosen: where the C kernels compute every record and matrix, none is needed)
+        workspace_bytes = Workspace.bytes_for(width) if width else 0
         resident = self.model.nbytes
         if embedding is not None:
             resident += FlashEmbedding.bytes_for(embedding[0], pass_tokens)
@@ -123,8 +124,7 @@ class FlashModel:
             "KV cache": KVCache.bytes_for(L, max_tokens, c.num_key_value_heads, c.head_dim, itemsize),
             "activations": type(self.model).work_bytes_for(c, pass_tokens, max_tokens),
             "reader staging": self.reader.staging_bound,
-            "quantized work": (self.workspace.nbytes if self.workspace is not None else 0) +
-            sum(Int8Groups.work_bytes(w.n) for w in weights.values() if isinstance(w, Int8Groups)),
+            "quantized work": sum(Int8Groups.work_bytes(w.n) for w in weights.values() if isinstance(w, Int8Groups)),
         }
         self.notes: list[str] = []  # choices made for this budget, for --verbose
         # the layouts of DRAM this budget may take, best first; the first that fits is kept and each one
@@ -159,7 +159,10 @@ class FlashModel:
                 all(kernel_form(layout) for layout in self.layouts)
             # and its down column too in the int8 kernel's form (int8 down records): the cache row keeps nothing
             columns = self.kernel_form and all(down_columns(layout) for layout in self.layouts)
-            fixed = {**common, "predictors": predictor_bytes if with_predictors else 0,
+            # the expansion workspace, unless the C kernels compute every record and quantized matrix
+            expands = natives[0] is None or not native.available()
+            fixed = {**common, "quantized work": common["quantized work"] + (workspace_bytes if expands else 0),
+                     "predictors": predictor_bytes if with_predictors else 0,
                      "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized,
                                                          self.kernel_form, columns, natives[0])}
             row = per_neuron = record
@@ -228,6 +231,7 @@ class FlashModel:
                       + ((packed.Int8Columns(cache.capacity, d),) if columns else ()) for cache in self.caches]
             for cache, pair in zip(self.caches, stores):
                 cache.companions = list(pair)
+        self.workspace = Workspace(width) if width and expands else None
         self.ffn = FlashFFN(self.spec, self.layouts, self.caches, self.reader, self.mode, self.thresholds,
                             self.predictors, self._load_oracle() if self.mode == "oracle" else None,
                             estimate_gate_up=self.gate_up == "int4", work=self.workspace, packed=stores,
