@@ -1,7 +1,9 @@
 """The C FFN over quantized records (flashllm.native) against the same sums in torch, both of its builds
 (AVX2/FMA for this machine, and plain C), and its refusal of what it cannot serve."""
 
+import platform
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +16,31 @@ from flashllm.models.qrows import dequantize_rows, from_records, quantize_rows, 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: the engine keeps its torch path")
 
-D = 96  # three groups of 32 values: odd group counts reach the vector path's scalar tails
+D = 288  # nine groups of 32 values: the vector path's 8-group loops and their scalar tail
 
 
 @pytest.fixture(scope="module", params=["vector", "plain"])
 def lib(request, tmp_path_factory):
     """The library as the engine builds it (-march=native) and without any vector extension."""
     if request.param == "vector":
-        return native.library()
-    flags = tuple(f for f in native.FLAGS if f != "-march=native") + ("-mno-avx2", "-mno-fma", "-mno-f16c")
-    return native.load(native.build(tmp_path_factory.mktemp("plain") / "plain.so", flags))
+        lib = native.library()
+        if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= cpu_flags():
+            assert lib.ffn_rows_vector() == 1  # this CPU has them: the engine's build must take that path
+        return lib
+    flags = tuple(f for f in native.FLAGS if f != "-march=native")
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags += ("-mno-avx2", "-mno-fma", "-mno-f16c")
+    lib = native.load(native.build(tmp_path_factory.mktemp("plain") / "plain.so", flags))
+    assert lib.ffn_rows_vector() == 0
+    return lib
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
 
 
 def records(n: int, kinds: tuple[str, str, str], seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -102,6 +119,14 @@ def test_bad_calls_are_refused_before_reaching_c():
         ffn(rows[:, ::2], x, None, None)  # not contiguous
     with pytest.raises(ValueError):
         ffn(rows, x, torch.ones(1, 3, dtype=torch.bool), None)
+    with pytest.raises(ValueError):
+        ffn(rows, x, torch.ones(1, 10), None)  # a float mask
+    with pytest.raises(ValueError):
+        ffn(rows, torch.randn(D), None, None)  # x without its token axis
+    with pytest.raises(ValueError):
+        ffn(rows, torch.randn(1, D + 32), None, None)
+    with pytest.raises(ValueError):
+        ffn(np.ascontiguousarray(rows[:, :-40]), x, None, None)  # rows narrower than the records
 
 
 def test_what_the_c_ffn_does_not_serve():

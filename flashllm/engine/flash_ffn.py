@@ -113,7 +113,8 @@ class FlashFFN:
         # quantized records: the needed cache rows are gathered a block at a time into one buffer, and
         # expanded into the shared workspace (both made once: see work_bytes_for)
         self.quantized = any(layout.quantized for layout in layouts)
-        self.gathered = np.zeros((COMPUTE_ROWS if self.quantized else 0, record), dtype=np.uint8)
+        self.gathered = np.zeros((COMPUTE_ROWS if self.quantized and self.native[0] is None else 0, record),
+                                 dtype=np.uint8)
         self._gathered = torch.from_numpy(self.gathered)  # the same memory, for torch's index_select
         self.work = work
         self.packed = packed or [None] * len(layouts)
@@ -138,10 +139,10 @@ class FlashFFN:
         columns in the int8 kernel's form (`columns`) the temporaries of their sum; the C FFN (`native`)
         the temporaries of its calls, and no scratch stores."""
         work = 2 * stream_rows(spec, record_bytes, native) * record_bytes + tokens * spec.n_ff * _TOKEN_BYTES_PER_NEURON
-        if quantized:
+        if quantized and native is None:
             work += COMPUTE_ROWS * (record_bytes + tokens * 4 * 3)
-        if native is not None:
-            work += native.work_bytes(tokens, spec.n_ff) + spec.n_ff * 8  # + the slots of the needed records
+        if native is not None:  # + the ids of the needed cached records and their slots
+            work += native.work_bytes(tokens, spec.n_ff) + spec.n_ff * 16
         if kernel and native is None:
             work += 2 * PackedInt4.bytes_for(SCRATCH_ROWS, spec.d)
         if kernel:

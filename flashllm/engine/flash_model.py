@@ -161,7 +161,9 @@ class FlashModel:
             columns = self.kernel_form and all(down_columns(layout) for layout in self.layouts)
             # the expansion workspace, unless the C kernels compute every record and quantized matrix
             expands = natives[0] is None or not native.available()
-            fixed = {**common, "quantized work": common["quantized work"] + (workspace_bytes if expands else 0),
+            # (or native.matmul's split of x for the quantized matrices it multiplies)
+            quantized_work = workspace_bytes if expands else pass_tokens * (width + width // 32) * 4 if width else 0
+            fixed = {**common, "quantized work": common["quantized work"] + quantized_work,
                      "predictors": predictor_bytes if with_predictors else 0,
                      "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized,
                                                          self.kernel_form, columns, natives[0])}

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,7 @@ from flashllm.paths import home
 SOURCE = Path(__file__).with_name("ffn_rows.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
 KINDS = {"int4": 1, "int8": 2}
+MAX_THREADS = 16  # ffn_rows.c's own limit
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _why_not: list[str] = []
@@ -49,14 +51,14 @@ def _cpu() -> str:
 def build(target: Path, flags: tuple[str, ...] = FLAGS) -> Path:
     """Compile ffn_rows.c into `target` (a temporary name, then renamed); raises OSError or
     subprocess.CalledProcessError."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not compiler:
         raise OSError("no C compiler (cc or gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
+        subprocess.run([*compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(tmp, target)
     finally:
@@ -72,6 +74,8 @@ def load(path: Path) -> ctypes.CDLL:
                              _P, _P, _P]
     lib.ffn_rows_work_floats.restype = _I
     lib.ffn_rows_work_floats.argtypes = [_I, _I]
+    lib.ffn_rows_vector.restype = _C
+    lib.ffn_rows_vector.argtypes = []
     lib.rows_matmul.restype = None
     lib.rows_matmul.argtypes = [_P, _I, _P, _I, _P, _I, _C, _I, _I, _P, _I, _C, _P, _P]
     return lib
@@ -83,12 +87,13 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("FLASHLLM_NATIVE", "1") == "0":
         _why_not.append("FLASHLLM_NATIVE=0")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
-    path = Path(os.environ.get("FLASHLLM_NATIVE_DIR") or home() / "native") / f"ffn_rows-{key}.so"
     try:
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
+        path = Path(os.environ.get("FLASHLLM_NATIVE_DIR") or home() / "native") / f"ffn_rows-{key}.so"
         return load(path if path.exists() else build(path))
     except subprocess.CalledProcessError as e:
-        _why_not.append(f"compiling {SOURCE.name} failed: {(e.stderr or '').strip().splitlines()[-1:]}")
+        last = (e.stderr or "").strip().splitlines()
+        _why_not.append(f"compiling {SOURCE.name} failed: {last[-1] if last else e}")
     except (OSError, subprocess.SubprocessError) as e:
         _why_not.append(f"the C helper could not be built or loaded: {e}")
     return None
@@ -101,6 +106,17 @@ def available() -> bool:
 def why_not() -> str:
     library()
     return _why_not[-1] if _why_not else ""
+
+
+def k_bytes(kind: str, k: int) -> int:
+    """Bytes of one part of k values: codes, float16 scales (and int4 minimums) per 32."""
+    return (k // 2 + 4 * (k // 32)) if kind == "int4" else (k + 2 * (k // 32))
+
+
+def vector() -> bool:
+    """Whether the build took the AVX2/FMA/F16C path."""
+    lib = library()
+    return bool(lib is not None and lib.ffn_rows_vector())
 
 
 def _rows_of(t: torch.Tensor) -> tuple[int, int]:
@@ -120,6 +136,11 @@ def matmul(q, x: torch.Tensor, threads: int | None = None, lib: ctypes.CDLL | No
     T, n, k = x.shape[0], q.n, q.k
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} values a row, the matrix {k}")
+    if q.kind not in KINDS or tuple(q.codes.shape) != (n, k // 2 if q.kind == "int4" else k) or \
+            q.scales.dtype != torch.float16 or tuple(q.scales.shape) != (n, k // 32) or \
+            (q.kind == "int4") != (q.mins is not None) or (q.mins is not None and (
+                q.mins.dtype != torch.float16 or tuple(q.mins.shape) != (n, k // 32))):
+        raise ValueError(f"not {q.kind} rows of {k} values in flashllm's layout")
     y = torch.empty(T, n)
     if n == 0 or T == 0:
         return y.zero_()
@@ -127,7 +148,8 @@ def matmul(q, x: torch.Tensor, threads: int | None = None, lib: ctypes.CDLL | No
     mins = _rows_of(q.mins) if q.mins is not None else (None, 0)
     work = torch.empty(T * (k + k // 32))
     lib.rows_matmul(codes[0], codes[1], scales[0], scales[1], mins[0], mins[1], KINDS[q.kind], n, k,
-                    x.data_ptr(), T, max(1, threads or torch.get_num_threads()), work.data_ptr(), y.data_ptr())
+                    x.data_ptr(), T, min(MAX_THREADS, max(1, threads or torch.get_num_threads())), work.data_ptr(),
+                    y.data_ptr())
     return y
 
 
@@ -141,7 +163,9 @@ class RecordFFN:
             raise RuntimeError(f"the native FFN is not available: {why_not()}")
         self.offsets, self.kinds = offsets, tuple(KINDS[k] for k in kinds)
         self.d, self.activation = d, ACTIVATIONS[activation]
-        self.threads = max(1, threads or torch.get_num_threads())
+        self.threads = min(MAX_THREADS, max(1, threads or torch.get_num_threads()))
+        widths = [k_bytes(kind, d) for kind in kinds]
+        self.record_end = max(offset + width for offset, width in zip(offsets, widths))
 
     @staticmethod
     def supports(parts: dict[str, str | None], activation: str) -> bool:
@@ -154,7 +178,7 @@ class RecordFFN:
         """The temporaries of a call over `tokens` tokens and up to `records` records: each thread's split
         of x and products, the other threads' partial sums, y, x as float32 and the keep mask as bytes."""
         floats = self.lib.ffn_rows_work_floats(self.d, tokens)
-        return 4 * (self.threads * floats + (self.threads + 1) * tokens * self.d) + tokens * records
+        return 4 * (self.threads * floats + (self.threads + 2) * tokens * self.d) + tokens * records
 
     def __call__(self, rows: np.ndarray, x: torch.Tensor, keep: torch.Tensor | None, threshold: float | None,
                  index: np.ndarray | None = None, n: int | None = None) -> torch.Tensor:
@@ -163,8 +187,13 @@ class RecordFFN:
 
         rows: uint8 [*, record bytes or more], C-contiguous; the records are rows[index] (int64) when
         given, else rows[:n]. keep: bool [T, records]."""
-        if rows.dtype != np.uint8 or rows.ndim != 2 or not rows.flags.c_contiguous:
-            raise ValueError("rows must be a C-contiguous uint8 matrix")
+        if rows.dtype != np.uint8 or rows.ndim != 2 or not rows.flags.c_contiguous or \
+                (rows.shape[0] and rows.shape[1] < self.record_end):
+            raise ValueError(f"rows must be a C-contiguous uint8 matrix of records of {self.record_end}+ bytes")
+        if x.dim() != 2 or x.shape[1] != self.d:
+            raise ValueError(f"x must be [T, {self.d}], got {list(x.shape)}")
+        if keep is not None and keep.dtype != torch.bool:
+            raise ValueError(f"keep must be bool, got {keep.dtype}")
         count = len(index) if index is not None else (n if n is not None else rows.shape[0])
         x = x.float().contiguous()
         T = x.shape[0]

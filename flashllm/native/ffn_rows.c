@@ -355,3 +355,12 @@ void rows_matmul(const uint8_t *codes, int64_t codes_stride, const uint8_t *scal
     run_rows(&jobs[0]);
     for (int i = 1; i < started; i++) pthread_join(ids[i], NULL);
 }
+
+/* whether this build took the AVX2/FMA/F16C path (for tests and --verbose) */
+int ffn_rows_vector(void) {
+#ifdef VECTOR
+    return 1;
+#else
+    return 0;
+#endif
+}
