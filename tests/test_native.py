@@ -171,3 +171,16 @@ def test_quantized_rows_times_x_like_torch(lib, kind):
             assert close(got, x @ expected_w.T), (T, threads)
     with pytest.raises(ValueError):
         native.matmul(q, torch.randn(1, D + 32), lib=lib)
+
+
+def test_a_damaged_build_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHLLM_NATIVE_DIR", str(tmp_path / "builds"))
+    native.library.cache_clear()
+    try:
+        path = native.library_path()
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"not a shared library")  # e.g. a copy cut short
+        assert native.available() and path.read_bytes()[:4] == b"\x7fELF"
+    finally:
+        monkeypatch.delenv("FLASHLLM_NATIVE_DIR")
+        native.library.cache_clear()

@@ -81,6 +81,12 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def library_path() -> Path:
+    """Where this source, these flags and this CPU's build lives."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
+    return Path(os.environ.get("FLASHLLM_NATIVE_DIR") or home() / "native") / f"ffn_rows-{key}.so"
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled library, built on first use; None where it cannot be (see why_not)."""
@@ -88,9 +94,13 @@ def library() -> ctypes.CDLL | None:
         _why_not.append("FLASHLLM_NATIVE=0")
         return None
     try:
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu().encode()).hexdigest()[:16]
-        path = Path(os.environ.get("FLASHLLM_NATIVE_DIR") or home() / "native") / f"ffn_rows-{key}.so"
-        return load(path if path.exists() else build(path))
+        path = library_path()
+        if path.exists():
+            try:
+                return load(path)
+            except OSError:  # a damaged file (a copy cut short, a disk error): built again below
+                pass
+        return load(build(path))
     except subprocess.CalledProcessError as e:
         last = (e.stderr or "").strip().splitlines()
         _why_not.append(f"compiling {SOURCE.name} failed: {last[-1] if last else e}")
