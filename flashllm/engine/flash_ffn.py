@@ -44,15 +44,14 @@ def kernel_form(layout: RecordLayout) -> bool:
         and packed.available()
 
 
-def native_ffn(layout: RecordLayout, spec: FFNSpec, threads: int | None = None) -> RecordFFN | None:
+def native_ffn(layout: RecordLayout, spec: FFNSpec) -> RecordFFN | None:
     """The C FFN over this layout's records (flashllm.native), or None where it cannot serve them (no
     compiler, float or biased records, an activation it lacks): the torch path computes those."""
     parts = {p.name: p.kind for p in layout.parts}
     if not spec.gated or not RecordFFN.supports(parts, spec.activation) or not native_available():
         return None
     columns = [layout.column(name) for name in ("gate", "up", "down")]
-    return RecordFFN(tuple(c.start for c in columns), tuple(c.kind for c in columns), spec.d, spec.activation,
-                     threads)
+    return RecordFFN(tuple(c.start for c in columns), tuple(c.kind for c in columns), spec.d, spec.activation)
 
 
 def stream_rows(spec: FFNSpec, record_bytes: int, native: RecordFFN | None) -> int:
@@ -199,8 +198,7 @@ class FlashFFN:
             y = self._compute_packed(layer, x, mask, self.packed[layer], cache.pointer[:cache.num_used], cache.matrix, 0)
         elif self.native[layer] is not None:  # the needed cached records where they lie
             ids = np.concatenate([hits, insert])
-            y = self.native[layer](cache.matrix, x, mask[:, torch.from_numpy(ids)], self._threshold(layer),
-                                   index=cache.slot_of[ids]).to(x.dtype)
+            y = self._native_sum(layer, cache.matrix, x, mask, ids, index=cache.slot_of[ids])
         elif self.layouts[layer].quantized:  # expand only the rows this token needs, a block at a time
             ids = np.concatenate([hits, insert])
             slots = torch.from_numpy(cache.slot_of[ids])
@@ -262,8 +260,7 @@ class FlashFFN:
             else:
                 self._read_ahead((layer + 1) % len(self.caches), (first + i + 1) % 2)
             if self.native[layer] is not None:
-                y += self.native[layer](rows, x, mask[:, torch.from_numpy(ids)], self._threshold(layer),
-                                        n=len(ids)).to(x.dtype)
+                y += self._native_sum(layer, rows, x, mask, ids, n=len(ids))
             elif kernel:  # gate/up through the scratch stores: the same numbers as cached rows
                 self._write_stores(layer, self.stream_stores, 0, rows[:len(ids)])
                 y += self._compute_packed(layer, x, mask, self.stream_stores, ids, rows, layout.column("down").start)
@@ -328,6 +325,13 @@ class FlashFFN:
             torch.index_select(source, 0, block, out=gathered)
             y += combine(a[:, block], from_records(gathered, down.kind, down.values), self.work)
         return y.to(x.dtype)
+
+    def _native_sum(self, layer: int, rows: np.ndarray, x: torch.Tensor, mask: torch.Tensor, ids: np.ndarray,
+                    **where) -> torch.Tensor:
+        """The C FFN over the records of neurons `ids` in `rows` (at `index`, or the first `n`), each with
+        its column of the needed mask and the layer's threshold."""
+        keep = mask[:, torch.from_numpy(ids)]
+        return self.native[layer](rows, x, keep, self._threshold(layer), **where).to(x.dtype)
 
     def _threshold(self, layer: int) -> float | None:
         """The activation threshold the FFN applies on top of the needed set (none in a prompt's prefill)."""

@@ -150,7 +150,7 @@ class FlashModel:
             record = max(layout.record_bytes for layout in self.layouts)
             # the C FFN where it serves every layer's records, cached and streamed (faster than the kernel
             # form below on Qwen2.5's records, 200 against 250-270 ms a token in RAM, and float32 throughout)
-            natives = [native_ffn(layout, self.spec) if settings.native and (parts is None or "gate" in parts)
+            natives = [native_ffn(layout, self.spec) if settings.native
                        else None for layout in self.layouts]
             if any(n is None for n in natives):
                 natives = [None] * L
@@ -159,10 +159,11 @@ class FlashModel:
                 all(kernel_form(layout) for layout in self.layouts)
             # and its down column too in the int8 kernel's form (int8 down records): the cache row keeps nothing
             columns = self.kernel_form and all(down_columns(layout) for layout in self.layouts)
-            # the expansion workspace, unless the C kernels compute every record and quantized matrix
-            expands = natives[0] is None or not native.available()
-            # (or native.matmul's split of x for the quantized matrices it multiplies)
-            quantized_work = workspace_bytes if expands else pass_tokens * (width + width // 32) * 4 if width else 0
+            # the expansion workspace, unless the C FFN computes every record (then native.matmul computes
+            # every quantized matrix too); native.matmul's split of x wherever the C kernels are built
+            expands = natives[0] is None
+            split = pass_tokens * (width + width // 32) * 4 if width and native.available() else 0
+            quantized_work = (workspace_bytes if expands else 0) + split
             fixed = {**common, "quantized work": common["quantized work"] + quantized_work,
                      "predictors": predictor_bytes if with_predictors else 0,
                      "FFN work": FlashFFN.work_bytes_for(self.spec, record, pass_tokens, bundle.quantized,
@@ -238,7 +239,7 @@ class FlashModel:
                             self.predictors, self._load_oracle() if self.mode == "oracle" else None,
                             estimate_gate_up=self.gate_up == "int4", work=self.workspace, packed=stores,
                             native=natives)
-        self.native = natives[0] is not None and self.gate_up != "int4"
+        self.native = natives[0] is not None
         if settings.native and not self.native and bundle.quantized and self.gate_up != "int4":
             self.notes.append(f"the C FFN does not serve these records ({native.why_not() or 'their parts or activation'}): "
                               "computing them with torch")
