@@ -228,8 +228,9 @@ class FlashFFN:
 
     def _read_ahead(self, layer: int, buffer: int) -> None:
         """In dense mode the next layer's needs are known before it runs (every neuron): what its cache
-        lacks beyond its free room streams, so its first chunk is read now, while this layer's last chunk,
-        the next attention (and after the last layer the LM head) compute. The disk idled there before."""
+        lacks beyond its free room streams, so its first chunk is read now, while this layer's last chunk
+        and the next attention compute. The disk idled there before. Never from the last layer into the
+        next pass: generation may end there, and that read would be wasted (and counted or not, by timing)."""
         if self.mode != "dense" or self.native[layer] is None:
             return
         cache = self.caches[layer]
@@ -257,8 +258,8 @@ class FlashFFN:
             if len(following):
                 pending = self._prefetch.submit(self._read, layer, following,
                                                 self.scratches[(first + i + 1) % 2][:len(following)])
-            else:
-                self._read_ahead((layer + 1) % len(self.caches), (first + i + 1) % 2)
+            elif layer + 1 < len(self.caches):  # not past the pass's last layer: a read nobody may consume
+                self._read_ahead(layer + 1, (first + i + 1) % 2)
             if self.native[layer] is not None:
                 y += self._native_sum(layer, rows, x, mask, ids, n=len(ids))
             elif kernel:  # gate/up through the scratch stores: the same numbers as cached rows
