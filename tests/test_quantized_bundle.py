@@ -11,6 +11,7 @@ from flashllm.bundle.verify import verify
 from flashllm.bundle.writer import convert
 from flashllm.engine.flash_model import FlashModel, FlashSettings
 from flashllm.engine.generate import SamplingSettings, load_dense
+from flashllm.engine.stats import FlashStats
 from flashllm import native
 from flashllm.models import packed
 from flashllm.models.qrows import Int8Groups, QRows, row_bytes
@@ -254,7 +255,7 @@ def test_c_ffn_computes_like_expanded_records(mixed):
         assert flash.native and not flash.kernel_form and all(stores is None for stores in flash.ffn.packed)
         assert flash.ffn.stream_stores is None
         assert flash.workspace is None  # nothing is expanded: the plan counts only native.matmul's split of x
-        assert flash.plan.parts["quantized work"] == 16 * (flash.spec.d + flash.spec.d // 32) * 4
+        assert flash.plan.parts["quantized work"] == native.matmul_work_bytes(flash.spec.d, 16)
         assert (flash_logits(flash) - reference).abs().max() < 1e-4 * float(reference.abs().max())
         flash_logits(flash, ids=IDS[::-1])  # then a multi-token pass meeting a warm cache whose slots are out of order
         assert (flash_logits(flash) - reference).abs().max() < 1e-4 * float(reference.abs().max())
@@ -265,3 +266,31 @@ def test_c_ffn_computes_like_expanded_records(mixed):
         assert sum(cache.nbytes for cache in flash.caches) == caches
     assert max(flash.plan.capacities) < flash.spec.n_ff
     assert tokens == list(expanded.generate(IDS, SamplingSettings(max_tokens=6, stop_at_eos=False)))
+
+
+def test_int8_dot_products_through_the_engine(mixed):
+    """--dots int8: the C FFN and every quantized resident matrix (int4 ones kept as rows, not in torch's
+    int4 kernel form) take integer dot products over x quantized to int8 groups; near the float32 engine's
+    logits, not equal to them, and the same whether records are cached or streamed."""
+    if not native.available():
+        pytest.skip(f"the C FFN is not available here: {native.why_not()}")
+    L = Bundle(mixed).config.num_hidden_layers
+
+    def engine(budget, **settings):
+        return FlashModel.open(mixed, budget, FlashSettings(mode="dense", **settings), 32, 16, thresholds=[0.0] * L)
+
+    exact = flash_logits(engine(BIG))
+    whole = engine(BIG, dots="int8")
+    assert whole.native and whole.model.int8_x and all(f.int8_x for f in whole.ffn.native)
+    resident = [w for w in whole.model.weights.values() if not isinstance(w, torch.Tensor)]
+    assert resident and not any(isinstance(w, Int4Matrix) for w in resident)
+    assert any(isinstance(w, QRows) and w.kind == "int4" for w in resident)
+    fast = flash_logits(whole)
+    assert not torch.equal(fast, exact)
+    assert (fast - exact).abs().max() < 0.05 * float(exact.abs().max())
+    streamed = engine(whole.plan.fixed_bytes + whole.plan.record_bytes * 3 * 40, dots="int8")
+    assert max(streamed.plan.capacities) < streamed.spec.n_ff
+    assert (flash_logits(streamed) - fast).abs().max() < 1e-3 * float(fast.abs().max())
+    stats = FlashStats()
+    list(streamed.generate(IDS, SamplingSettings(max_tokens=4, stop_at_eos=False), stats=stats))
+    assert stats.dots == "int8"

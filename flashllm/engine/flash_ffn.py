@@ -44,14 +44,16 @@ def kernel_form(layout: RecordLayout) -> bool:
         and packed.available()
 
 
-def native_ffn(layout: RecordLayout, spec: FFNSpec) -> RecordFFN | None:
-    """The C FFN over this layout's records (flashllm.native), or None where it cannot serve them (no
-    compiler, float or biased records, an activation it lacks): the torch path computes those."""
+def native_ffn(layout: RecordLayout, spec: FFNSpec, int8_x: bool = False) -> RecordFFN | None:
+    """The C FFN over this layout's records (flashllm.native; gate and up over x quantized to int8 groups
+    with `int8_x`), or None where it cannot serve them (no compiler, float or biased records, an activation
+    it lacks): the torch path computes those."""
     parts = {p.name: p.kind for p in layout.parts}
     if not spec.gated or not RecordFFN.supports(parts, spec.activation) or not native_available():
         return None
     columns = [layout.column(name) for name in ("gate", "up", "down")]
-    return RecordFFN(tuple(c.start for c in columns), tuple(c.kind for c in columns), spec.d, spec.activation)
+    return RecordFFN(tuple(c.start for c in columns), tuple(c.kind for c in columns), spec.d, spec.activation,
+                     int8_x=int8_x)
 
 
 def stream_rows(spec: FFNSpec, record_bytes: int, native: RecordFFN | None) -> int:

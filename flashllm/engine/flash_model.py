@@ -53,6 +53,10 @@ class FlashSettings:
     # quantized records computed from their bytes by the C FFN (flashllm.native) where it can be built;
     # False: the torch path only
     native: bool = True
+    # the C kernels' dot products over x: "float32" (float sums, the reference's numbers) or "int8" (x
+    # quantized per group of 32 to int8 and integer sums, as llama.cpp's q8 blocks: gate/up and the LM head
+    # ~2x faster, the greedy text may part from the float reference's at near-ties)
+    dots: str = "float32"
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -61,6 +65,8 @@ class FlashSettings:
             raise FlashLLMError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
         if self.gate_up not in ("auto", "flash", "int4"):
             raise FlashLLMError(f"unknown --gate-up {self.gate_up!r} (auto, flash or int4)")
+        if self.dots not in ("int8", "float32"):
+            raise FlashLLMError(f"unknown --dots {self.dots!r} (float32 or int8)")
         if self.window < 1:
             raise FlashLLMError(f"window {self.window}: must be at least 1")
 
@@ -105,12 +111,15 @@ class FlashModel:
         # one at a time into its compute form (a tall int8 matrix, the LM head, a block of rows at a time into
         # the int8 kernel's groups; with the C kernels it stays rows as read, 38 against 62 ms a token for Qwen's)
         grouped = None if settings.native and native.available() else GROUPED_MIN_ROWS
+        # int4 matrices in torch's int4 kernel layout, unless the C kernels take int8 dot products (faster)
+        rows = settings.dots == "int8" and native.available()
         for name, tensor in bundle.resident_tensors(skip, grouped_rows=grouped):
             weights[name] = tensor.to(dtype) if isinstance(tensor, torch.Tensor) else \
-                tensor if name == "embed.weight" else for_compute(tensor)
+                tensor if name == "embed.weight" or rows else for_compute(tensor)
             if not isinstance(tensor, torch.Tensor):
                 release_free_heap()  # conversion temporaries go back before the next one: a bounded peak
         self.model = bundle.family.model(c, weights, dtype, compute_form=False)  # converted above, one at a time
+        self.model.int8_x = settings.dots == "int8"
         # one workspace for every expansion of quantized rows: the FFN's records, QRows matrices, the head
         width = max(self.model.quantized_width, self.spec.d if bundle.quantized else 0)
         # (made once the plan is chosen: where the C kernels compute every record and matrix, none is needed)
@@ -150,7 +159,7 @@ class FlashModel:
             record = max(layout.record_bytes for layout in self.layouts)
             # the C FFN where it serves every layer's records, cached and streamed (faster than the kernel
             # form below on Qwen2.5's records, 200 against 250-270 ms a token in RAM, and float32 throughout)
-            natives = [native_ffn(layout, self.spec) if settings.native
+            natives = [native_ffn(layout, self.spec, settings.dots == "int8") if settings.native
                        else None for layout in self.layouts]
             if any(n is None for n in natives):
                 natives = [None] * L
@@ -162,7 +171,7 @@ class FlashModel:
             # the expansion workspace, unless the C FFN computes every record (then native.matmul computes
             # every quantized matrix too); native.matmul's split of x wherever the C kernels are built
             expands = natives[0] is None
-            split = pass_tokens * (width + width // 32) * 4 if width and native.available() else 0
+            split = native.matmul_work_bytes(width, pass_tokens) if width and native.available() else 0
             quantized_work = (workspace_bytes if expands else 0) + split
             fixed = {**common, "quantized work": common["quantized work"] + quantized_work,
                      "predictors": predictor_bytes if with_predictors else 0,
@@ -337,6 +346,7 @@ class FlashModel:
         stats.sparsity_bands = sparsity_bands(delta["layer_needed"].tolist(), steps, n_ff, self.calibrated)
         stats.window, stats.policy, stats.mode = self.settings.window, self.settings.policy, self.mode
         stats.gate_up, stats.kernel_cache, stats.native = self.gate_up, self.kernel_form, self.native
+        stats.dots = self.settings.dots if self.native or native.available() else "float32"
         stats.cache_share = self.plan.cache_share
         stats.step_ms = [1000 * s for s in gen.step_seconds]
 

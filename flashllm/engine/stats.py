@@ -39,6 +39,7 @@ class FlashStats:
     gate_up: str = ""  # "int4": gate/up from the predictors in DRAM, only down read; "flash": every part read
     kernel_cache: bool = False  # the caches keep int4 gate/up in torch's kernel layout (flashllm.models.packed)
     native: bool = False  # quantized records computed from their bytes in C (flashllm.native)
+    dots: str = "float32"  # the C kernels' dot products over x: float32 or int8 (FlashSettings.dots)
     cache_share: float = 0.0
     prefill_seconds: float = 0.0
     step_ms: list[float] = field(default_factory=list)

@@ -86,12 +86,15 @@ def resolve_thresholds(model, tokenizer, mode: str, sparsity: float | None, pred
 def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity: float | None = None,
                dram_budget: str | None = None, context: int = 512, max_tokens: int | None = None,
                recall: float | None = None, dtype: str = "float32", progress: Progress | None = None,
-               gate_up: str = "auto") -> dict:
+               gate_up: str = "auto", dots: str = "float32") -> dict:
     """`flashllm perplexity`: {"model", "text", "tokens_in_text", "dense": PerplexityResult, mode: ...}."""
     if mode not in MODES:
         raise FlashLLMError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
     if gate_up == "int4" and dram_budget is None:
         raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
+    if dots != "float32" and dram_budget is None:
+        raise FlashLLMError("--dots applies to the budgeted engine: add --dram-budget")
+    FlashSettings(dots=dots).check()
     model_path = Path(model_path)
     loaded = load_dense(model_path, parse_dtype(dtype))
     if loaded.tokenizer is None:
@@ -108,8 +111,9 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
     engines, run = None, mode
     if dram_budget is not None:  # measured through the engine, against the dense model in DRAM
         run = "budgeted"
-        engines = {run: _budgeted_engine(model_path, mode, dram_budget, thresholds, recall, context, gate_up)}
-        notes.append(f"{mode} mode through the budgeted engine (DRAM budget {dram_budget}, gate/up {gate_up})")
+        engines = {run: _budgeted_engine(model_path, mode, dram_budget, thresholds, recall, context, gate_up, dots)}
+        notes.append(f"{mode} mode through the budgeted engine (DRAM budget {dram_budget}, gate/up {gate_up}, "
+                     f"{dots} dot products)")
     tok = loaded.tokenizer
     results = evaluate(loaded.model, ids, context, [run], thresholds, predictors,
                        bos=tok.bos_token_id if tok.add_bos else None, engines=engines, progress=progress)
@@ -123,10 +127,10 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
 
 
 def _budgeted_engine(folder: Path, mode: str, budget: str, thresholds: list[float], recall: float | None,
-                     context: int, gate_up: str = "auto"):
+                     context: int, gate_up: str = "auto", dots: str = "float32"):
     """The budgeted engine's model for this mode, so that its output is measured, not assumed."""
     if not is_bundle(folder):
         raise FlashLLMError("--dram-budget needs a bundle folder (make one with `flashllm convert`)")
-    settings = FlashSettings(mode=mode, gate_up=gate_up, recall=recall if mode == "predictor" else None)
+    settings = FlashSettings(mode=mode, gate_up=gate_up, recall=recall if mode == "predictor" else None, dots=dots)
     return FlashModel.open(folder, budget, settings, max_tokens=context, prefill_tokens=context,
                            thresholds=thresholds, pass_tokens=context).model  # windows forwarded whole

@@ -79,6 +79,7 @@ class Transformer:
         self.ffn: FFNFunction = self.ffn_dense
         self.embedding: EmbeddingFunction = self.embedding_lookup
         self.workspace: Workspace | None = None  # quantized matrices expand into it (None: a temporary per call)
+        self.int8_x = False  # QRows matrices in C multiply x quantized to int8 groups (flashllm.native)
         self.max_pass: int | None = None  # a prompt's prefill runs in passes of at most this many tokens
 
     @property

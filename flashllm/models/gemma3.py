@@ -201,7 +201,7 @@ class Gemma3Model(Transformer):
         return F.rms_norm(h.float(), (h.shape[-1],), scale, self.config.rms_norm_eps).to(h.dtype)
 
     def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return linear(x, self.weights[name + ".weight"], None, self.workspace)
+        return linear(x, self.weights[name + ".weight"], None, self.workspace, self.int8_x)
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         rows = self.embedding(tokens)  # [T, d]
@@ -227,7 +227,7 @@ class Gemma3Model(Transformer):
         return self._norm(y, f"layers.{layer}.post_ffn_norm.weight")
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = linear(self._norm(h, "norm.weight"), self.lm_head, work=self.workspace)  # [T, vocab]
+        logits = linear(self._norm(h, "norm.weight"), self.lm_head, work=self.workspace, int8_x=self.int8_x)  # [T, vocab]
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

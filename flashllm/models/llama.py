@@ -180,7 +180,7 @@ class LlamaModel(Transformer):
         return F.rms_norm(h, (h.shape[-1],), self.weights[name], self.config.rms_norm_eps)
 
     def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"), self.workspace)
+        return linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"), self.workspace, self.int8_x)
 
     def attention(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         c, p = self.config, f"layers.{layer}."
@@ -197,7 +197,7 @@ class LlamaModel(Transformer):
         return self._norm(h, f"layers.{layer}.ffn_norm.weight")
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(self._norm(h, "norm.weight"), self.lm_head, work=self.workspace)  # [T, vocab]
+        return linear(self._norm(h, "norm.weight"), self.lm_head, work=self.workspace, int8_x=self.int8_x)  # [T, vocab]
 
 
 def gguf_tensor_fixup(config: LlamaConfig, arch: str, canonical: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ class OPTModel(Transformer):
         return F.layer_norm(h, (h.shape[-1],), self.weights[name + ".weight"], self.weights[name + ".bias"])
 
     def _proj(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return linear(x, self.weights[name + ".weight"], self.weights[name + ".bias"], self.workspace)
+        return linear(x, self.weights[name + ".weight"], self.weights[name + ".bias"], self.workspace, self.int8_x)
 
     def embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + tokens.shape[0]) + POSITION_OFFSET
@@ -125,7 +125,7 @@ class OPTModel(Transformer):
         return self._norm(h, f"layers.{layer}.ffn_norm")
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(self._norm(h, "norm"), self.weights["embed.weight"], work=self.workspace)  # [T, vocab]
+        return linear(self._norm(h, "norm"), self.weights["embed.weight"], work=self.workspace, int8_x=self.int8_x)  # [T, vocab]
 
 
 FAMILY = Family(name="opt", config=OPTConfig, model=OPTModel, hf_names=HF_NAMES, gguf_names={})

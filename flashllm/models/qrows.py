@@ -347,13 +347,15 @@ def to_int8_kernel(q: QRows | torch.Tensor) -> Int8ChannelMatrix:
 Weight = "torch.Tensor | QRows | Int4Matrix"
 
 
-def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, work: Workspace | None = None) -> torch.Tensor:
-    """x [T, k] @ w.T (+ bias) -> [T, n] in x's dtype, for a float matrix, QRows (expanded a block of
-    rows at a time, into `work` when given) or a matrix in a kernel's form (Int4Matrix)."""
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, work: Workspace | None = None,
+           int8_x: bool = False) -> torch.Tensor:
+    """x [T, k] @ w.T (+ bias) -> [T, n] in x's dtype, for a float matrix, QRows (in C where it builds, x
+    quantized to int8 groups with `int8_x`; else expanded a block of rows at a time, into `work` when given)
+    or a matrix in a kernel's form (Int4Matrix)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     if isinstance(w, QRows):  # straight from the codes in C where it builds (float32; Qwen's head 2x faster)
-        y = native.matmul(w, x) if native.available() else project(x, w, work)
+        y = native.matmul(w, x, int8_x=int8_x) if native.available() else project(x, w, work)
     else:
         y = w.matmul(x, work) if isinstance(w, Int8Groups) else w.matmul(x)
     y = y.to(x.dtype)

@@ -5,8 +5,11 @@
  * scale per group of 32: v = q * s), at the byte offsets the caller gives. For every record r and token t:
  *     a = act(gate_r . x_t) * (up_r . x_t),  kept if keep[t, r] and (no threshold or |a| > threshold),
  *     y_t += a * down_r.
- * Float32 throughout (the Python path computes the same sums in float32). No allocation, no global state:
- * callers split the records between threads, each with its own y.
+ * Float32 throughout (the Python path computes the same sums in float32), or, with `xq`, the gate and up dot
+ * products over x quantized per group of 32 to int8 (scale max |x| / 127, round to nearest even, as
+ * llama.cpp's q8 blocks): integer sums of codes x int8 values, exact, times both scales (the int4 minimum
+ * term keeps x's float32 group sums). No allocation, no global state: callers split the records between
+ * threads, each with its own y.
  */
 #include <math.h>
 #include <pthread.h>
@@ -23,8 +26,11 @@
 #define ACT_GELU_TANH 1
 #define ACT_GELU 2
 #define MAX_THREADS 16
-/* per thread: x split (k), group sums (k / 32), gate and up products (2T), token list (2T int64 = 2T floats) */
-#define WORK_FLOATS(k, T) ((((k) + (k) / GROUP + 5) * (T) + 2) & ~(int64_t)1) /* even: int64 stays aligned */
+/* per thread and token: x split (k), group sums and int8 scales (2k / 32), gate and up products (2), token list
+ * (one int64 = 2 floats), x as int8 in both orders (2k bytes = k / 2 floats) */
+#define X_FLOATS(k, T) (((k) + (k) / 2 + 2 * ((k) / GROUP)) * (T))
+#define WORK_FLOATS(k, T) ((X_FLOATS(k, T) + 4 * (T) + 2 + 16) & ~(int64_t)1) /* even: int64 aligned; 16: a cache
+                                                                                  line between threads' areas */
 
 static inline float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
@@ -70,6 +76,40 @@ static void split_tokens(const float *x, int64_t T, int64_t k, float *even, floa
             sums[t * (k / GROUP) + g] = s;
         }
     }
+}
+
+/* x_t as int8 per group of 32: scales [k/32] (max |x| / 127), values in natural order [k] and, for int4 rows,
+ * in even/odd order per group [k] (a group's 16 even values, then its 16 odd ones: the order of its low and
+ * high nibbles) */
+static void quantize_tokens(const float *x, int64_t T, int64_t k, float *scales, int8_t *natural, int8_t *paired) {
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t g = 0; g < k / GROUP; g++) {
+            const float *xg = x + t * k + g * GROUP;
+            float amax = 0.f;
+            for (int j = 0; j < GROUP; j++) amax = fmaxf(amax, fabsf(xg[j]));
+            float s = amax / 127.f;
+            scales[t * (k / GROUP) + g] = s;
+            int8_t *n = natural + t * k + g * GROUP, *p = paired + t * k + g * GROUP;
+            for (int j = 0; j < GROUP; j++) {
+                float v = s > 0.f ? nearbyintf(xg[j] / s) : 0.f;
+                n[j] = (int8_t)(v > 127.f ? 127.f : v < -127.f ? -127.f : v);
+            }
+            for (int j = 0; j < GROUP / 2; j++) { p[j] = n[2 * j]; p[GROUP / 2 + j] = n[2 * j + 1]; }
+        }
+    }
+}
+
+/* sum of codes x int8 values over one group, exact in int32 */
+static inline int32_t isum_int4(const uint8_t *c, const int8_t *paired) {
+    int32_t s = 0;
+    for (int j = 0; j < GROUP / 2; j++) s += (int32_t)(c[j] & 0x0F) * paired[j] + (int32_t)(c[j] >> 4) * paired[GROUP / 2 + j];
+    return s;
+}
+
+static inline int32_t isum_int8(const int8_t *c, const int8_t *natural) {
+    int32_t s = 0;
+    for (int j = 0; j < GROUP; j++) s += (int32_t)c[j] * natural[j];
+    return s;
 }
 
 static inline float dot_int4(const uint8_t *codes, const uint8_t *scales, const uint8_t *mins, int64_t k,
@@ -156,33 +196,109 @@ static inline void codes_int8(const int8_t *c, __m256 v[4]) {
 }
 #endif
 
-/* out[t * step] = row . x_t for T tokens, the row's codes, float16 scales (and int4 minimums) where given;
- * int4 rows take the tokens' even/odd split and group sums */
-static void dots(const uint8_t *row, const uint8_t *scales, const uint8_t *mins, int kind, int64_t k, const float *x,
-                 const float *even, const float *odd, const float *sums, int64_t T, float *out, int64_t step) {
-    int64_t G = k / GROUP;
+/* x_t in the forms the dot products take: float32 (even/odd split and group sums for int4 rows) and, when
+ * `xs` is not NULL, int8 per group (quantize_tokens) */
+struct xforms {
+    const float *x, *even, *odd, *sums, *xs;
+    const int8_t *natural, *paired;
+};
+
 #ifdef VECTOR
-    for (int64_t t0 = 0; t0 < T; t0 += 4) {
-        int64_t tb = T - t0 < 4 ? T - t0 : 4;
-        __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+/* one group's 16 pair sums of codes x token 0's int8 values (int16, exact: at most 2 x 128 x 127) */
+static inline __m256i group_q8(const uint8_t *row, int kind, const struct xforms *f, int64_t g) {
+    if (kind == KIND_INT4) {
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(row + g * (GROUP / 2))), nib = _mm_set1_epi8(0x0F);
+        __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib), _mm_and_si128(bytes, nib));
+        return _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i *)(f->paired + g * GROUP)));
+    }
+    __m256i w = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
+    __m256i v = _mm256_loadu_si256((const __m256i *)(f->natural + g * GROUP));
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w)); /* |w| unsigned, w's signs on v */
+}
+#endif
+
+/* out[t * step] = row . x_t for T tokens, the row's codes, float16 scales (and int4 minimums) where given */
+static void dots(const uint8_t *row, const uint8_t *scales, const uint8_t *mins, int kind, int64_t k,
+                 const struct xforms *f, int64_t T, float *out, int64_t step) {
+    int64_t G = k / GROUP;
+    const float *x = f->x, *even = f->even, *odd = f->odd, *sums = f->sums;
+#ifdef VECTOR
+    if (f->xs && T == 1) { /* one token (decode): two independent sums in registers */
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 2 <= G; g += 2) {
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(group_q8(row, kind, f, g), ones)),
+                                   _mm256_set1_ps(half_at(scales, g) * f->xs[g]), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(group_q8(row, kind, f, g + 1), ones)),
+                                   _mm256_set1_ps(half_at(scales, g + 1) * f->xs[g + 1]), acc1);
+        }
+        if (g < G)
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(group_q8(row, kind, f, g), ones)),
+                                   _mm256_set1_ps(half_at(scales, g) * f->xs[g]), acc0);
+        out[0] = hsum(_mm256_add_ps(acc0, acc1));
+    } else if (T == 1 && !f->xs) { /* one token, float32: short dependency chains, two sums in registers */
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t g = 0; g < G; g++) {
             __m256 c[4];
-            if (kind == KIND_INT4) codes_int4(row + g * (GROUP / 2), c);
-            else codes_int8((const int8_t *)row + g * GROUP, c);
-            __m256 scale = _mm256_set1_ps(half_at(scales, g));
-            for (int64_t i = 0; i < tb; i++) {
-                int64_t t = t0 + i;
-                const float *a, *b;
-                if (kind == KIND_INT4) { a = even + t * (k / 2) + g * 16; b = odd + t * (k / 2) + g * 16; }
-                else { a = x + t * k + g * GROUP; b = a + 16; }
-                __m256 acc = _mm256_mul_ps(c[0], _mm256_loadu_ps(a));
-                acc = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(a + 8), acc);
-                acc = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(b), acc);
-                acc = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(b + 8), acc);
-                total[i] = _mm256_fmadd_ps(acc, scale, total[i]);
-            }
+            const float *a, *b;
+            if (kind == KIND_INT4) { codes_int4(row + g * (GROUP / 2), c); a = even + g * 16; b = odd + g * 16; }
+            else { codes_int8((const int8_t *)row + g * GROUP, c); a = x + g * GROUP; b = a + 16; }
+            __m256 p0 = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(a + 8), _mm256_mul_ps(c[0], _mm256_loadu_ps(a)));
+            __m256 p1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(b + 8), _mm256_mul_ps(c[2], _mm256_loadu_ps(b)));
+            acc[g & 1] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), _mm256_set1_ps(half_at(scales, g)), acc[g & 1]);
         }
-        for (int64_t i = 0; i < tb; i++) out[(t0 + i) * step] = hsum(total[i]);
+        out[0] = hsum(_mm256_add_ps(acc[0], acc[1]));
+    } else if (f->xs) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+            int64_t tb = T - t0 < 4 ? T - t0 : 4;
+            __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t g = 0; g < G; g++) {
+                __m256i c, sign = _mm256_setzero_si256();
+                if (kind == KIND_INT4) {
+                    __m128i bytes = _mm_loadu_si128((const __m128i *)(row + g * (GROUP / 2))), nib = _mm_set1_epi8(0x0F);
+                    c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib), _mm_and_si128(bytes, nib));
+                } else {
+                    sign = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
+                    c = _mm256_sign_epi8(sign, sign); /* |codes| as unsigned bytes, their signs moved onto x */
+                }
+                float sw = half_at(scales, g);
+                for (int64_t i = 0; i < tb; i++) {
+                    int64_t t = t0 + i;
+                    __m256i v;
+                    if (kind == KIND_INT4) v = _mm256_loadu_si256((const __m256i *)(f->paired + t * k + g * GROUP));
+                    else v = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(f->natural + t * k + g * GROUP)), sign);
+                    /* pairs of (0..128) x (-127..127) products: at most 32,512, no int16 saturation */
+                    __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(c, v), ones);
+                    total[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set1_ps(sw * f->xs[t * G + g]), total[i]);
+                }
+            }
+            for (int64_t i = 0; i < tb; i++) out[(t0 + i) * step] = hsum(total[i]);
+        }
+    } else {
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+            int64_t tb = T - t0 < 4 ? T - t0 : 4;
+            __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t g = 0; g < G; g++) {
+                __m256 c[4];
+                if (kind == KIND_INT4) codes_int4(row + g * (GROUP / 2), c);
+                else codes_int8((const int8_t *)row + g * GROUP, c);
+                __m256 scale = _mm256_set1_ps(half_at(scales, g));
+                for (int64_t i = 0; i < tb; i++) {
+                    int64_t t = t0 + i;
+                    const float *a, *b;
+                    if (kind == KIND_INT4) { a = even + t * (k / 2) + g * 16; b = odd + t * (k / 2) + g * 16; }
+                    else { a = x + t * k + g * GROUP; b = a + 16; }
+                    __m256 acc = _mm256_mul_ps(c[0], _mm256_loadu_ps(a));
+                    acc = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(a + 8), acc);
+                    acc = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(b), acc);
+                    acc = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(b + 8), acc);
+                    total[i] = _mm256_fmadd_ps(acc, scale, total[i]);
+                }
+            }
+            for (int64_t i = 0; i < tb; i++) out[(t0 + i) * step] = hsum(total[i]);
+        }
     }
     if (kind == KIND_INT4) { /* + sum_g min_g * (sum of x over group g) */
         for (int64_t t = 0; t < T; t++) {
@@ -195,10 +311,22 @@ static void dots(const uint8_t *row, const uint8_t *scales, const uint8_t *mins,
         }
     }
 #else
-    for (int64_t t = 0; t < T; t++)
-        out[t * step] = kind == KIND_INT4 ? dot_int4(row, scales, mins, k, even + t * (k / 2), odd + t * (k / 2),
-                                                     sums + t * G)
-                                          : dot_int8(row, scales, k, x + t * k);
+    for (int64_t t = 0; t < T; t++) {
+        if (f->xs) {
+            float total = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                float s = half_at(scales, g) * f->xs[t * G + g];
+                if (kind == KIND_INT4) total += (float)isum_int4(row + g * (GROUP / 2), f->paired + t * k + g * GROUP) * s
+                                                + half_at(mins, g) * sums[t * G + g];
+                else total += (float)isum_int8((const int8_t *)row + g * GROUP, f->natural + t * k + g * GROUP) * s;
+            }
+            out[t * step] = total;
+        } else {
+            out[t * step] = kind == KIND_INT4 ? dot_int4(row, scales, mins, k, even + t * (k / 2), odd + t * (k / 2),
+                                                         sums + t * G)
+                                              : dot_int8(row, scales, k, x + t * k);
+        }
+    }
 #endif
 }
 
@@ -227,11 +355,63 @@ static void adds(const uint8_t *row, int kind, int64_t k, const float *a, const 
     }
 }
 
+#define BATCH 8 /* down columns added per pass over y (one token) */
+
+/* y += sum over p < count of a[p] * column p, for one token: y's groups loaded and stored once per batch
+ * instead of once per column */
+static void adds_batch(const uint8_t *const *columns, const float *a, int count, int kind, int64_t k, float *y) {
+#ifdef VECTOR
+    for (int64_t g = 0; g < k / GROUP; g++) {
+        float *yg = y + g * GROUP, m = 0.f;
+        __m256 acc[4];
+        for (int j = 0; j < 4; j++) acc[j] = _mm256_loadu_ps(yg + 8 * j);
+        for (int p = 0; p < count; p++) {
+            __m256 c[4];
+            float f;
+            if (kind == KIND_INT4) {
+                const uint8_t *scales = columns[p] + k / 2, *mins = scales + 2 * (k / GROUP);
+                __m128i bytes = _mm_loadu_si128((const __m128i *)(columns[p] + g * (GROUP / 2))), nib = _mm_set1_epi8(0x0F);
+                __m128i lo = _mm_and_si128(bytes, nib), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+                __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi); /* natural order */
+                c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(first));
+                c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(first, 8)));
+                c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(second));
+                c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(second, 8)));
+                f = a[p] * half_at(scales, g);
+                m += a[p] * half_at(mins, g);
+            } else {
+                codes_int8((const int8_t *)columns[p] + g * GROUP, c);
+                f = a[p] * half_at(columns[p] + k, g);
+            }
+            __m256 fv = _mm256_set1_ps(f);
+            for (int j = 0; j < 4; j++) acc[j] = _mm256_fmadd_ps(c[j], fv, acc[j]);
+        }
+        __m256 mv = _mm256_set1_ps(m);
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps(yg + 8 * j, kind == KIND_INT4 ? _mm256_add_ps(acc[j], mv) : acc[j]);
+    }
+#else
+    for (int p = 0; p < count; p++) {
+        if (kind == KIND_INT4) add_int4(columns[p], k, a[p], y);
+        else add_int8(columns[p], k, a[p], y);
+    }
+#endif
+}
+
+/* x's forms in X_FLOATS(k, T) floats of work: the float32 ones where a part is int4, the int8 ones with xq */
+static struct xforms x_forms(const float *x, int64_t T, int64_t k, int any_int4, int xq, float *work) {
+    int64_t G = k / GROUP;
+    float *even = work, *odd = even + T * (k / 2), *sums = even + T * k, *xs = sums + T * G;
+    int8_t *natural = (int8_t *)(xs + T * G), *paired = natural + T * k;
+    struct xforms f = {x, even, odd, sums, xq ? xs : NULL, natural, paired};
+    if (any_int4) split_tokens(x, T, k, even, odd, sums);
+    if (xq) quantize_tokens(x, T, k, xs, natural, paired);
+    return f;
+}
+
 /* dots over a record's part: codes, then float16 scales, then (int4) float16 minimums */
-static void part_dots(const uint8_t *part, int kind, int64_t k, const float *x, const float *even, const float *odd,
-                      const float *sums, int64_t T, float *out) {
+static void part_dots(const uint8_t *part, int kind, int64_t k, const struct xforms *f, int64_t T, float *out) {
     int64_t codes = kind == KIND_INT4 ? k / 2 : k;
-    dots(part, part + codes, part + codes + 2 * (k / GROUP), kind, k, x, even, odd, sums, T, out, 1);
+    dots(part, part + codes, part + codes + 2 * (k / GROUP), kind, k, f, T, out, 1);
 }
 
 struct job {
@@ -244,6 +424,8 @@ struct job {
     const float *x;
     const uint8_t *keep;
     float threshold;
+    int xq;
+    int64_t record_end; /* bytes of a record the parts span */
     int64_t begin, end; /* this job's records */
     float *work, *y;
     int64_t kept;
@@ -251,16 +433,22 @@ struct job {
 
 static void *run_job(void *arg) {
     struct job *j = arg;
-    int64_t k = j->k, T = j->T, G = k / GROUP;
-    float *even = j->work, *odd = even + T * (k / 2), *sums = even + T * k;
-    float *g = sums + T * G, *u = g + T;
-    int64_t at = T * k + T * G + 2 * T;
+    int64_t k = j->k, T = j->T;
+    struct xforms f = x_forms(j->x, T, k, j->gate_kind == KIND_INT4 || j->up_kind == KIND_INT4, j->xq, j->work);
+    float *g = j->work + X_FLOATS(k, T), *u = g + T;
+    int64_t at = X_FLOATS(k, T) + 2 * T;
     int64_t *chosen = (int64_t *)(j->work + at + (at & 1));
-    if (j->gate_kind == KIND_INT4 || j->up_kind == KIND_INT4) split_tokens(j->x, T, k, even, odd, sums);
+    const uint8_t *pending[BATCH];
+    float coefficients[BATCH];
+    int waiting = 0;
     for (int64_t r = j->begin; r < j->end; r++) {
         const uint8_t *record = j->rows + (j->index ? j->index[r] : r) * j->stride;
-        part_dots(record + j->gate_offset, j->gate_kind, k, j->x, even, odd, sums, T, g);
-        part_dots(record + j->up_offset, j->up_kind, k, j->x, even, odd, sums, T, u);
+        if (r + 2 < j->end) { /* the record after next into cache while this one computes (DRAM-bound otherwise) */
+            const uint8_t *ahead = j->rows + (j->index ? j->index[r + 2] : r + 2) * j->stride;
+            for (int64_t b = 0; b < j->record_end; b += 64) __builtin_prefetch(ahead + b);
+        }
+        part_dots(record + j->gate_offset, j->gate_kind, k, &f, T, g);
+        part_dots(record + j->up_offset, j->up_kind, k, &f, T, u);
         int64_t count = 0;
         for (int64_t t = 0; t < T; t++) {
             if (j->keep && !j->keep[t * j->n + r]) continue;
@@ -269,29 +457,42 @@ static void *run_job(void *arg) {
             g[t] = a;
             chosen[count++] = t;
         }
-        adds(record + j->down_offset, j->down_kind, k, g, chosen, count, j->y);
         j->kept += count;
+        if (T == 1) { /* one token: columns wait for a batch */
+            if (count) { pending[waiting] = record + j->down_offset; coefficients[waiting++] = g[0]; }
+            if (waiting == BATCH) { adds_batch(pending, coefficients, waiting, j->down_kind, k, j->y); waiting = 0; }
+        } else {
+            adds(record + j->down_offset, j->down_kind, k, g, chosen, count, j->y);
+        }
     }
+    if (waiting) adds_batch(pending, coefficients, waiting, j->down_kind, k, j->y);
     return NULL;
 }
 
 /* rows: n records (record r at rows + index[r] * stride, or rows + r * stride when index is NULL);
  * gate/up/down: byte offset and kind of each part in a record; x [T, k] float32; keep [T, n] bytes or NULL;
- * threshold < 0: no threshold; threads >= 1 split the records, each with WORK_FLOATS(k, T) floats of
+ * threshold < 0: no threshold; xq: gate and up dot products over x as int8 groups; threads >= 1 split the records, each with WORK_FLOATS(k, T) floats of
  * `work`; y [T, k] float32 is added to; partial [threads - 1, T, k] float32 holds the other threads' sums.
  * Returns the number of (token, record) coefficients kept. */
 int64_t ffn_rows(const uint8_t *rows, int64_t n, int64_t stride, const int64_t *index,
                  int64_t gate_offset, int gate_kind, int64_t up_offset, int up_kind, int64_t down_offset, int down_kind,
-                 int64_t k, int act, const float *x, int64_t T, const uint8_t *keep, float threshold,
+                 int64_t k, int act, const float *x, int64_t T, const uint8_t *keep, float threshold, int xq,
                  int threads, float *work, float *partial, float *y) {
     struct job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = n > 0 ? (int)n : 1;
+    int64_t record_end = 0;
+    for (int p = 0; p < 3; p++) {
+        int64_t offset = p == 0 ? gate_offset : p == 1 ? up_offset : down_offset;
+        int kind = p == 0 ? gate_kind : p == 1 ? up_kind : down_kind;
+        int64_t end = offset + (kind == KIND_INT4 ? k / 2 + 4 * (k / GROUP) : k + 2 * (k / GROUP));
+        if (end > record_end) record_end = end;
+    }
     for (int i = 0; i < threads; i++) {
         struct job j = {rows, n, stride, index, gate_offset, up_offset, down_offset, gate_kind, up_kind, down_kind,
-                        act, k, T, x, keep, threshold, n * i / threads, n * (i + 1) / threads,
+                        act, k, T, x, keep, threshold, xq, record_end, n * i / threads, n * (i + 1) / threads,
                         work + i * WORK_FLOATS(k, T), i == 0 ? y : partial + (int64_t)(i - 1) * T * k, 0};
         jobs[i] = j;
         if (i > 0) memset(jobs[i].y, 0, sizeof(float) * T * k);
@@ -313,39 +514,40 @@ int64_t ffn_rows(const uint8_t *rows, int64_t n, int64_t stride, const int64_t *
 /* floats of `work` each thread takes, for Python's allocation */
 int64_t ffn_rows_work_floats(int64_t k, int64_t T) { return WORK_FLOATS(k, T); }
 
+/* floats of rows_matmul's `work` */
+int64_t rows_matmul_work_floats(int64_t k, int64_t T) { return X_FLOATS(k, T); }
+
 /* y [T, n] = x [T, k] @ W.T for quantized rows W: row r's codes at codes + r * codes_stride, its float16 scales
  * at scales + r * scales_stride (int4: minimums at mins + r * mins_stride); the rows split between threads.
- * work: (k + k / 32) * T floats (int4: x's even/odd split and group sums). */
+ * work: rows_matmul_work_floats(k, T) floats (x's forms). xq: the dot products over x as int8 groups. */
 struct rows_job {
     const uint8_t *codes, *scales, *mins;
     int64_t codes_stride, scales_stride, mins_stride, k, T, n, begin, end;
     int kind;
-    const float *x, *work;
+    const struct xforms *f;
     float *y;
 };
 
 static void *run_rows(void *arg) {
     struct rows_job *j = arg;
-    int64_t k = j->k, T = j->T;
-    const float *even = j->work, *odd = even + T * (k / 2), *sums = even + T * k;
     for (int64_t r = j->begin; r < j->end; r++)
         dots(j->codes + r * j->codes_stride, j->scales + r * j->scales_stride,
-             j->mins ? j->mins + r * j->mins_stride : NULL, j->kind, k, j->x, even, odd, sums, T, j->y + r, j->n);
+             j->mins ? j->mins + r * j->mins_stride : NULL, j->kind, j->k, j->f, j->T, j->y + r, j->n);
     return NULL;
 }
 
 void rows_matmul(const uint8_t *codes, int64_t codes_stride, const uint8_t *scales, int64_t scales_stride,
                  const uint8_t *mins, int64_t mins_stride, int kind, int64_t n, int64_t k, const float *x, int64_t T,
-                 int threads, float *work, float *y) {
+                 int xq, int threads, float *work, float *y) {
     struct rows_job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
-    if (kind == KIND_INT4) split_tokens(x, T, k, work, work + T * (k / 2), work + T * k);
+    struct xforms f = x_forms(x, T, k, kind == KIND_INT4, xq, work);
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = n > 0 ? (int)n : 1;
     for (int i = 0; i < threads; i++) {
         struct rows_job j = {codes, scales, mins, codes_stride, scales_stride, mins_stride, k, T, n,
-                             n * i / threads, n * (i + 1) / threads, kind, x, work, y};
+                             n * i / threads, n * (i + 1) / threads, kind, &f, y};
         jobs[i] = j;
     }
     int started = 1;
