@@ -46,6 +46,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """Run language models larger than DRAM by streaming FFN neurons from flash."""
 
 
+DOTS_HELP = "The C kernels' dot products: float32 (exact float sums) or int8 (x quantized to int8 per group of 32, integer sums, as llama.cpp does: faster; greedy text can part from float32 at near-ties)."
 CONFIG_HELP = "A preset (configs/models/NAME.toml, configs/strategies/NAME.toml) or a TOML file; options given here win."
 
 
@@ -62,9 +63,6 @@ def _with_config(ctx: typer.Context, config: str | None, command: str, flash: bo
     flash_fields = {f.name for f in fields(FlashSettings)} if flash else set()
     return apply_config(dict(ctx.params), unset, config, command, flash_fields)
 
-
-DOTS_HELP = ("The C kernels' dot products: float32 (exact float sums) or int8 (x quantized to int8 per "
-             "group of 32, integer sums, as llama.cpp does: faster; greedy text can part from float32 at near-ties).")
 
 @app.command()
 def pull(name: str = typer.Argument(..., help="A known model name (see `flashllm models`).")):
@@ -128,12 +126,10 @@ def generate(
         prompt, system = utf8(prompt, "the prompt"), utf8(p["system"], "--system")
         if p["stats"] not in ("table", "json", "none"):
             raise FlashLLMError(f"unknown --stats {p['stats']!r} (choose from table, json, none)")
-        if p["gate_up"] == "int4" and p["dram_budget"] is None:
-            raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
-        if p["dots"] != "float32" and p["dram_budget"] is None:
-            raise FlashLLMError("--dots applies to the budgeted engine: add --dram-budget")
-        settings = SamplingSettings(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
-                                    seed=p["seed"])
+        for option, given in (("--gate-up", p["gate_up"] == "int4"), ("--dots", p["dots"] != "float32")):
+            if given and p["dram_budget"] is None:
+                raise FlashLLMError(f"{option} applies to the budgeted engine: add --dram-budget")
+        settings = SamplingSettings(**{k: p[k] for k in ("max_tokens", "temperature", "top_p", "seed")})
         if p["dram_budget"] is None:
             path = _resolve(model)
             loaded = load_dense(path, parse_dtype(p["dtype"]))

@@ -346,7 +346,8 @@ class FlashModel:
         stats.sparsity_bands = sparsity_bands(delta["layer_needed"].tolist(), steps, n_ff, self.calibrated)
         stats.window, stats.policy, stats.mode = self.settings.window, self.settings.policy, self.mode
         stats.gate_up, stats.kernel_cache, stats.native = self.gate_up, self.kernel_form, self.native
-        stats.dots = self.settings.dots if self.native or native.available() else "float32"
+        int8 = self.settings.dots == "int8" and native.available() and (self.native or self.model.quantized_width)
+        stats.dots = "int8" if int8 else "float32"  # what ran: float bundles have no quantized dot products
         stats.cache_share = self.plan.cache_share
         stats.step_ms = [1000 * s for s in gen.step_seconds]
 
