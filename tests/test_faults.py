@@ -51,9 +51,12 @@ class Capture:
 
 
 def start_cli(*args) -> subprocess.Popen:
-    """`python -m flashllm ARGS` in its own session (a process group of its own, as a terminal job is)."""
+    """`python -m flashllm ARGS` in its own session (a process group of its own, as a terminal job is), with
+    SIGINT's default action as a terminal job has it: a test run started in the background (`cmd &` in a
+    script) ignores SIGINT, its children inherit that, and Python then never raises KeyboardInterrupt."""
     return subprocess.Popen([sys.executable, "-m", "flashllm", *map(str, args)], cwd=REPO, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def stop(proc: subprocess.Popen) -> None:
