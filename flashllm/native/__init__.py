@@ -72,8 +72,8 @@ def build(target: Path, flags: tuple[str, ...] = FLAGS) -> Path:
 def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.ffn_rows.restype = _I
-    lib.ffn_rows.argtypes = [_P, _I, _I, _P, _I, _C, _I, _C, _I, _C, _I, _C, _P, _I, _P, ctypes.c_float, _C, _C,
-                             _P, _P, _P]
+    lib.ffn_rows.argtypes = [_P, _I, _I, _P, _I, _C, _I, _C, _I, _C, _I, _I, _C, _P, _I, _P, ctypes.c_float, _C,
+                             _C, _P, _P, _P]
     lib.ffn_rows_work_floats.restype = _I
     lib.ffn_rows_work_floats.argtypes = [_I, _I]
     lib.ffn_rows_vector.restype = _C
@@ -239,7 +239,7 @@ class RecordFFN:
         partial = torch.empty(max(threads - 1, 0), T, self.d)
         self.lib.ffn_rows(rows.ctypes.data, count, rows.strides[0], None if index is None else index.ctypes.data,
                           self.offsets[0], self.kinds[0], self.offsets[1], self.kinds[1], self.offsets[2],
-                          self.kinds[2], self.d, self.activation, x.data_ptr(), T,
+                          self.kinds[2], self.record_end, self.d, self.activation, x.data_ptr(), T,
                           None if mask is None else mask.data_ptr(),
                           -1.0 if threshold is None else float(threshold), int(self.int8_x), threads, work.data_ptr(),
                           partial.data_ptr(), y.data_ptr())

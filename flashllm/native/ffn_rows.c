@@ -204,16 +204,29 @@ struct xforms {
 };
 
 #ifdef VECTOR
-/* one group's 16 pair sums of codes x token 0's int8 values (int16, exact: at most 2 x 128 x 127) */
-static inline __m256i group_q8(const uint8_t *row, int kind, const struct xforms *f, int64_t g) {
+/* group g's codes for int8 dot products: int4 rows their 32 nibbles (low ones, then high ones: x's paired
+ * order); int8 rows their codes in `w` and |codes| in `c` (unsigned, for vpmaddubsw; w's signs go onto x) */
+static inline __m256i group_codes(const uint8_t *row, int kind, int64_t g, __m256i *w) {
     if (kind == KIND_INT4) {
         __m128i bytes = _mm_loadu_si128((const __m128i *)(row + g * (GROUP / 2))), nib = _mm_set1_epi8(0x0F);
-        __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib), _mm_and_si128(bytes, nib));
-        return _mm256_maddubs_epi16(c, _mm256_loadu_si256((const __m256i *)(f->paired + g * GROUP)));
+        return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib), _mm_and_si128(bytes, nib));
     }
-    __m256i w = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
-    __m256i v = _mm256_loadu_si256((const __m256i *)(f->natural + g * GROUP));
-    return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w)); /* |w| unsigned, w's signs on v */
+    *w = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
+    return _mm256_sign_epi8(*w, *w);
+}
+
+/* those codes times one token's 32 int8 values of the group (paired order for int4, natural for int8), as 8
+ * int32 sums, exact: pairs of (0..128) x (-127..127) products stay within int16 */
+static inline __m256i group_sums(int kind, __m256i c, __m256i w, const int8_t *values) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)values);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(c, kind == KIND_INT4 ? v : _mm256_sign_epi8(v, w)),
+                             _mm256_set1_epi16(1));
+}
+
+/* group g of token 0 */
+static inline __m256 group_q8(const uint8_t *row, int kind, const struct xforms *f, int64_t g) {
+    __m256i w = _mm256_setzero_si256(), c = group_codes(row, kind, g, &w);
+    return _mm256_cvtepi32_ps(group_sums(kind, c, w, (kind == KIND_INT4 ? f->paired : f->natural) + g * GROUP));
 }
 #endif
 
@@ -224,17 +237,16 @@ static void dots(const uint8_t *row, const uint8_t *scales, const uint8_t *mins,
     const float *x = f->x, *even = f->even, *odd = f->odd, *sums = f->sums;
 #ifdef VECTOR
     if (f->xs && T == 1) { /* one token (decode): two independent sums in registers */
-        const __m256i ones = _mm256_set1_epi16(1);
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         int64_t g = 0;
         for (; g + 2 <= G; g += 2) {
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(group_q8(row, kind, f, g), ones)),
+            acc0 = _mm256_fmadd_ps(group_q8(row, kind, f, g),
                                    _mm256_set1_ps(half_at(scales, g) * f->xs[g]), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(group_q8(row, kind, f, g + 1), ones)),
+            acc1 = _mm256_fmadd_ps(group_q8(row, kind, f, g + 1),
                                    _mm256_set1_ps(half_at(scales, g + 1) * f->xs[g + 1]), acc1);
         }
         if (g < G)
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(group_q8(row, kind, f, g), ones)),
+            acc0 = _mm256_fmadd_ps(group_q8(row, kind, f, g),
                                    _mm256_set1_ps(half_at(scales, g) * f->xs[g]), acc0);
         out[0] = hsum(_mm256_add_ps(acc0, acc1));
     } else if (T == 1 && !f->xs) { /* one token, float32: short dependency chains, two sums in registers */
@@ -249,29 +261,18 @@ static void dots(const uint8_t *row, const uint8_t *scales, const uint8_t *mins,
             acc[g & 1] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), _mm256_set1_ps(half_at(scales, g)), acc[g & 1]);
         }
         out[0] = hsum(_mm256_add_ps(acc[0], acc[1]));
-    } else if (f->xs) {
-        const __m256i ones = _mm256_set1_epi16(1);
+    } else if (f->xs) { /* blocks of four tokens: a group's codes prepared once for them */
+        const int8_t *values = kind == KIND_INT4 ? f->paired : f->natural;
         for (int64_t t0 = 0; t0 < T; t0 += 4) {
             int64_t tb = T - t0 < 4 ? T - t0 : 4;
             __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int64_t g = 0; g < G; g++) {
-                __m256i c, sign = _mm256_setzero_si256();
-                if (kind == KIND_INT4) {
-                    __m128i bytes = _mm_loadu_si128((const __m128i *)(row + g * (GROUP / 2))), nib = _mm_set1_epi8(0x0F);
-                    c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib), _mm_and_si128(bytes, nib));
-                } else {
-                    sign = _mm256_loadu_si256((const __m256i *)(row + g * GROUP));
-                    c = _mm256_sign_epi8(sign, sign); /* |codes| as unsigned bytes, their signs moved onto x */
-                }
+                __m256i w = _mm256_setzero_si256(), c = group_codes(row, kind, g, &w);
                 float sw = half_at(scales, g);
                 for (int64_t i = 0; i < tb; i++) {
                     int64_t t = t0 + i;
-                    __m256i v;
-                    if (kind == KIND_INT4) v = _mm256_loadu_si256((const __m256i *)(f->paired + t * k + g * GROUP));
-                    else v = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(f->natural + t * k + g * GROUP)), sign);
-                    /* pairs of (0..128) x (-127..127) products: at most 32,512, no int16 saturation */
-                    __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(c, v), ones);
-                    total[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pairs), _mm256_set1_ps(sw * f->xs[t * G + g]), total[i]);
+                    total[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_sums(kind, c, w, values + t * k + g * GROUP)),
+                                               _mm256_set1_ps(sw * f->xs[t * G + g]), total[i]);
                 }
             }
             for (int64_t i = 0; i < tb; i++) out[(t0 + i) * step] = hsum(total[i]);
@@ -470,26 +471,20 @@ static void *run_job(void *arg) {
 }
 
 /* rows: n records (record r at rows + index[r] * stride, or rows + r * stride when index is NULL);
- * gate/up/down: byte offset and kind of each part in a record; x [T, k] float32; keep [T, n] bytes or NULL;
- * threshold < 0: no threshold; xq: gate and up dot products over x as int8 groups; threads >= 1 split the records, each with WORK_FLOATS(k, T) floats of
- * `work`; y [T, k] float32 is added to; partial [threads - 1, T, k] float32 holds the other threads' sums.
+ * gate/up/down: byte offset and kind of each part in a record, record_end the bytes they span (prefetched);
+ * x [T, k] float32; keep [T, n] bytes or NULL; threshold < 0: no threshold; xq: gate and up dot products
+ * over x as int8 groups; threads >= 1 split the records, each with WORK_FLOATS(k, T) floats of `work`;
+ * y [T, k] float32 is added to; partial [threads - 1, T, k] float32 holds the other threads' sums.
  * Returns the number of (token, record) coefficients kept. */
 int64_t ffn_rows(const uint8_t *rows, int64_t n, int64_t stride, const int64_t *index,
                  int64_t gate_offset, int gate_kind, int64_t up_offset, int up_kind, int64_t down_offset, int down_kind,
-                 int64_t k, int act, const float *x, int64_t T, const uint8_t *keep, float threshold, int xq,
-                 int threads, float *work, float *partial, float *y) {
+                 int64_t record_end, int64_t k, int act, const float *x, int64_t T, const uint8_t *keep,
+                 float threshold, int xq, int threads, float *work, float *partial, float *y) {
     struct job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = n > 0 ? (int)n : 1;
-    int64_t record_end = 0;
-    for (int p = 0; p < 3; p++) {
-        int64_t offset = p == 0 ? gate_offset : p == 1 ? up_offset : down_offset;
-        int kind = p == 0 ? gate_kind : p == 1 ? up_kind : down_kind;
-        int64_t end = offset + (kind == KIND_INT4 ? k / 2 + 4 * (k / GROUP) : k + 2 * (k / GROUP));
-        if (end > record_end) record_end = end;
-    }
     for (int i = 0; i < threads; i++) {
         struct job j = {rows, n, stride, index, gate_offset, up_offset, down_offset, gate_kind, up_kind, down_kind,
                         act, k, T, x, keep, threshold, xq, record_end, n * i / threads, n * (i + 1) / threads,
