@@ -126,9 +126,8 @@ def generate(
         prompt, system = utf8(prompt, "the prompt"), utf8(p["system"], "--system")
         if p["stats"] not in ("table", "json", "none"):
             raise FlashLLMError(f"unknown --stats {p['stats']!r} (choose from table, json, none)")
-        for option, given in (("--gate-up", p["gate_up"] == "int4"), ("--dots", p["dots"] != "float32")):
-            if given and p["dram_budget"] is None:
-                raise FlashLLMError(f"{option} applies to the budgeted engine: add --dram-budget")
+        if p["dram_budget"] is None:
+            flash_settings.check_without_budget()
         settings = SamplingSettings(**{k: p[k] for k in ("max_tokens", "temperature", "top_p", "seed")})
         if p["dram_budget"] is None:
             path = _resolve(model)

@@ -70,6 +70,13 @@ class FlashSettings:
         if self.window < 1:
             raise FlashLLMError(f"window {self.window}: must be at least 1")
 
+    def check_without_budget(self) -> None:
+        """Refuse the options only the budgeted engine has (no --dram-budget given)."""
+        for option, given in (("--gate-up", self.gate_up == "int4"), ("--dots", self.dots != "float32")):
+            if given:
+                raise FlashLLMError(f"{option} applies to the budgeted engine: add --dram-budget")
+
+
 class FlashModel:
     """A bundle loaded under a DRAM budget (bytes, or a size such as "50%" of the bundle or "800MiB").
 
@@ -112,14 +119,14 @@ class FlashModel:
         # the int8 kernel's groups; with the C kernels it stays rows as read, 38 against 62 ms a token for Qwen's)
         grouped = None if settings.native and native.available() else GROUPED_MIN_ROWS
         # int4 matrices in torch's int4 kernel layout, unless the C kernels take int8 dot products (faster)
-        rows = settings.dots == "int8" and native.available()
+        int8_x = settings.dots == "int8" and native.available()
         for name, tensor in bundle.resident_tensors(skip, grouped_rows=grouped):
             weights[name] = tensor.to(dtype) if isinstance(tensor, torch.Tensor) else \
-                tensor if name == "embed.weight" or rows else for_compute(tensor)
+                tensor if name == "embed.weight" or int8_x else for_compute(tensor)
             if not isinstance(tensor, torch.Tensor):
                 release_free_heap()  # conversion temporaries go back before the next one: a bounded peak
         self.model = bundle.family.model(c, weights, dtype, compute_form=False)  # converted above, one at a time
-        self.model.int8_x = settings.dots == "int8"
+        self.model.int8_x = int8_x
         # one workspace for every expansion of quantized rows: the FFN's records, QRows matrices, the head
         width = max(self.model.quantized_width, self.spec.d if bundle.quantized else 0)
         # (made once the plan is chosen: where the C kernels compute every record and matrix, none is needed)
@@ -159,7 +166,7 @@ class FlashModel:
             record = max(layout.record_bytes for layout in self.layouts)
             # the C FFN where it serves every layer's records, cached and streamed (faster than the kernel
             # form below on Qwen2.5's records, 200 against 250-270 ms a token in RAM, and float32 throughout)
-            natives = [native_ffn(layout, self.spec, settings.dots == "int8") if settings.native
+            natives = [native_ffn(layout, self.spec, int8_x) if settings.native
                        else None for layout in self.layouts]
             if any(n is None for n in natives):
                 natives = [None] * L
@@ -346,7 +353,7 @@ class FlashModel:
         stats.sparsity_bands = sparsity_bands(delta["layer_needed"].tolist(), steps, n_ff, self.calibrated)
         stats.window, stats.policy, stats.mode = self.settings.window, self.settings.policy, self.mode
         stats.gate_up, stats.kernel_cache, stats.native = self.gate_up, self.kernel_form, self.native
-        int8 = self.settings.dots == "int8" and native.available() and (self.native or self.model.quantized_width)
+        int8 = self.model.int8_x and (self.native or self.model.quantized_width)
         stats.dots = "int8" if int8 else "float32"  # what ran: float bundles have no quantized dot products
         stats.cache_share = self.plan.cache_share
         stats.step_ms = [1000 * s for s in gen.step_seconds]

@@ -90,10 +90,8 @@ def perplexity(model_path: Path, text: str | Path, mode: str = "dense", sparsity
     """`flashllm perplexity`: {"model", "text", "tokens_in_text", "dense": PerplexityResult, mode: ...}."""
     if mode not in MODES:
         raise FlashLLMError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    if gate_up == "int4" and dram_budget is None:
-        raise FlashLLMError("--gate-up applies to the budgeted engine: add --dram-budget")
-    if dots != "float32" and dram_budget is None:
-        raise FlashLLMError("--dots applies to the budgeted engine: add --dram-budget")
+    if dram_budget is None:
+        FlashSettings(gate_up=gate_up, dots=dots).check_without_budget()
     FlashSettings(dots=dots).check()
     model_path = Path(model_path)
     loaded = load_dense(model_path, parse_dtype(dtype))
